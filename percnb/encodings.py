@@ -1,0 +1,88 @@
+"""Position encodings: trainable tables, fixed sinusoids (Vaswani et al.) and Fourier features for
+N-D grids (Jaegle et al., Perceiver, section 3.2)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .config import PerceiverConfig
+
+ENCODING_TYPES = ("trainable", "sinusoid", "fourier")
+
+
+def sinusoid_encoding(num_positions: int, dim: int) -> torch.Tensor:
+    """Fixed sin/cos table of Vaswani et al.: (num_positions, dim).
+
+    Channel 2i is sin(p / 10000^(2i/dim)) and 2i+1 its cos; an odd `dim` drops the last cos.
+    """
+    if num_positions < 1 or dim < 1:
+        raise ValueError(f"num_positions and dim must be >= 1, got {num_positions} and {dim}")
+    position = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    table = torch.zeros(num_positions, dim + dim % 2, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq)
+    return table[:, :dim].float()
+
+
+def fourier_features(shape: Sequence[int], num_bands: int,
+                     max_resolution: Optional[Sequence[int]] = None, concat_pos: bool = True) -> torch.Tensor:
+    """Fourier position features of every point of an N-D grid: (prod(shape), d * (2 * num_bands + 1)).
+
+    Each axis is sampled on [-1, 1]; for each axis, `num_bands` frequencies are spaced linearly from 1
+    to max_resolution / 2 (the Nyquist frequency of that axis) and each gives sin(pi f x) and
+    cos(pi f x). With `concat_pos` the raw coordinate is appended, as in the Perceiver paper. The
+    channel order is [coords (d), sin (d * bands), cos (d * bands)], bands fastest within an axis.
+    """
+    shape = tuple(int(s) for s in shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"shape must be a non-empty sequence of positive ints, got {shape}")
+    if num_bands < 1:
+        raise ValueError(f"num_bands must be >= 1, got {num_bands}")
+    max_resolution = shape if max_resolution is None else tuple(max_resolution)
+    if len(max_resolution) != len(shape):
+        raise ValueError(f"max_resolution={max_resolution} needs one entry per axis of shape={shape}")
+    axes = [torch.linspace(-1.0, 1.0, s, dtype=torch.float64) for s in shape]
+    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))  # (n, d)
+    freqs = torch.stack([torch.linspace(1.0, r / 2.0, num_bands, dtype=torch.float64)
+                         for r in max_resolution])                                         # (d, bands)
+    angles = math.pi * pos[:, :, None] * freqs[None]                                       # (n, d, bands)
+    parts = [torch.sin(angles).flatten(1), torch.cos(angles).flatten(1)]
+    if concat_pos:
+        parts.insert(0, pos)
+    return torch.cat(parts, dim=-1).float()
+
+
+def build_position_encoding(position_encoding_type: str, config: PerceiverConfig,
+                            num_index_items: int, emb_dim: Optional[int]) -> nn.Parameter:
+    """A position table usable as an `nn.Embedding` weight: (num_index_items, emb_dim).
+
+    "trainable": normal(0, config.pos_init_std), learned. "sinusoid": the fixed table of Vaswani et
+    al. "fourier": Fourier features of the grid `config.input_shape` (`config.fourier_bands` bands
+    up to `config.max_resolution`); its width is fixed by the grid, so `emb_dim` may be None and
+    otherwise must equal `config.fourier_dim`. Fixed tables come back with requires_grad=False.
+    """
+    if not isinstance(config, PerceiverConfig):
+        raise TypeError(f"config must be a PerceiverConfig, got {type(config).__name__}")
+    if position_encoding_type not in ENCODING_TYPES:
+        raise ValueError(f"position_encoding_type must be one of {ENCODING_TYPES}, got {position_encoding_type!r}")
+    if isinstance(num_index_items, bool) or not isinstance(num_index_items, int) or num_index_items < 1:
+        raise ValueError(f"num_index_items must be an int >= 1, got {num_index_items!r}")
+    if position_encoding_type == "fourier":
+        shape = config.input_shape or (num_index_items,)
+        if math.prod(shape) != num_index_items:
+            raise ValueError(f"num_index_items={num_index_items} but config.input_shape={shape} has "
+                             f"{math.prod(shape)} positions")
+        table = fourier_features(shape, config.fourier_bands, config.max_resolution)
+        if emb_dim is not None and emb_dim != table.shape[1]:
+            raise ValueError(f"emb_dim={emb_dim} but Fourier features of a {len(shape)}-D grid with "
+                             f"{config.fourier_bands} bands have {table.shape[1]} channels; pass None or {table.shape[1]}")
+        return nn.Parameter(table, requires_grad=False)
+    if isinstance(emb_dim, bool) or not isinstance(emb_dim, int) or emb_dim < 1:
+        raise ValueError(f"emb_dim must be an int >= 1 for {position_encoding_type!r}, got {emb_dim!r}")
+    if position_encoding_type == "trainable":
+        return nn.Parameter(torch.randn(num_index_items, emb_dim) * config.pos_init_std)
+    return nn.Parameter(sinusoid_encoding(num_index_items, emb_dim), requires_grad=False)
