@@ -10,6 +10,7 @@ from typing import Any, Optional, Tuple
 INPUT_TYPES = ("raw", "tokens")
 DECODER_REDUCTIONS = ("mean", "max", "sum", "first", "last", "eot", None)
 POS_ENCODINGS = ("trainable", "sinusoid", "fourier", "none")
+DECODER_TYPES = ("attention", "latent_pool")
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -47,7 +48,10 @@ class PerceiverConfig:
     encoder and decoder cross-attentions, 1 as in the paper), `latent_init_std` (1.0: with 0.02 a
     digits model stayed near chance, see the README), `input_channels` (raw feature size when it
     differs from `input_dim`: a linear layer maps it, after Fourier features are concatenated),
-    `input_shape`, `fourier_bands` and `max_resolution` (the grid of the Fourier features).
+    `input_shape`, `fourier_bands` and `max_resolution` (the grid of the Fourier features),
+    `decoder_type`: "attention" (Perceiver IO: output queries cross-attend to the latents) or
+    "latent_pool" (Perceiver paper, perceiver-pytorch: pool the latents with decoder_reduction,
+    LayerNorm, project; output_len, output_dim and ffw_output are then unused).
     """
 
     input_len: int = 64
@@ -77,6 +81,7 @@ class PerceiverConfig:
     input_shape: Optional[Tuple[int, ...]] = None
     fourier_bands: int = 6
     max_resolution: Optional[Tuple[int, ...]] = None
+    decoder_type: str = "attention"
 
     def __post_init__(self) -> None:
         # JSON gives lists; the config keeps tuples so equal configs compare equal.
@@ -95,6 +100,10 @@ class PerceiverConfig:
         _check_choice("input_type", self.input_type, INPUT_TYPES)
         _check_choice("decoder_reduction", self.decoder_reduction, DECODER_REDUCTIONS)
         _check_choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
+        _check_choice("decoder_type", self.decoder_type, DECODER_TYPES)
+        if self.decoder_type == "latent_pool" and self.decoder_reduction in (None, "eot"):
+            raise ValueError(f"decoder_type='latent_pool' pools the latents, so decoder_reduction must be one of "
+                             f"('mean', 'max', 'sum', 'first', 'last'), got {self.decoder_reduction!r}")
         for name in ("decoder_residual", "decoder_projection", "share_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

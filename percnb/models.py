@@ -207,7 +207,9 @@ class Embeddings(nn.Module):
         if c.pos_encoding in ("trainable", "sinusoid"):
             self.pos_emb = build_position_encoding(c.pos_encoding, c, c.input_len, c.input_dim)
         self.latent_array = nn.Parameter(torch.randn(c.latent_len, c.latent_dim) * c.latent_init_std)
-        self.output_array = nn.Parameter(torch.randn(c.output_len, c.output_dim) * c.pos_init_std)
+        # A pooling decoder has no queries; its output_array slot carries the latents' pooling spec: None.
+        self.output_array = (nn.Parameter(torch.randn(c.output_len, c.output_dim) * c.pos_init_std)
+                             if c.decoder_type == "attention" else None)
 
     def _check_input(self, x: torch.Tensor) -> None:
         c = self.config
@@ -260,7 +262,12 @@ class Embeddings(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb
 
-        if output_array is None:
+        if c.decoder_type == "latent_pool":
+            if output_array is not None:
+                raise ValueError("output_array (decoder queries) needs decoder_type='attention'; "
+                                 "this config pools the latents instead")
+            queries = None
+        elif output_array is None:
             queries = self.output_array.expand(batch, -1, -1)
         else:
             if not isinstance(output_array, torch.Tensor) or not output_array.is_floating_point():
@@ -270,7 +277,7 @@ class Embeddings(nn.Module):
                 raise ValueError(f"output_array must be (batch={batch}, queries, output_dim={c.output_dim}), "
                                  f"got {_describe(output_array)}")
             queries = output_array
-        if c.decoder_reduction == "eot":
+        if c.decoder_reduction == "eot" and queries is not None:
             if queries.shape[1] != length:
                 raise ValueError(f"decoder_reduction='eot' needs one output query per input position "
                                  f"({length}), got {queries.shape[1]}")
@@ -331,19 +338,30 @@ class DecoderBlock(nn.Module):
     (logits, attentions): logits are (batch, n_classes) with a decoder_reduction and
     (batch, output_len, n_classes) without (output_dim instead of n_classes when
     decoder_projection is False). The reduction pools the decoded queries before the projection.
+    With decoder_type='latent_pool' there is no cross-attention: the latents themselves are pooled,
+    normalised and projected (the Perceiver paper's classifier).
     """
 
     def __init__(self, config: PerceiverConfig):
         super().__init__()
         c = self.config = config
-        self.block = Block(c.latent_dim, c.output_dim, c.cross_heads, c.ffw_output, c.dropout,
-                           add_residual=c.decoder_residual)
-        self.projection = nn.Linear(c.output_dim, c.n_classes) if c.decoder_projection else None
+        if c.decoder_type == "attention":
+            self.block = Block(c.latent_dim, c.output_dim, c.cross_heads, c.ffw_output, c.dropout,
+                               add_residual=c.decoder_residual)
+            width = c.output_dim
+        else:  # pre-LN blocks leave the residual stream unnormalised: normalise before the head
+            self.norm = nn.LayerNorm(c.latent_dim)
+            width = c.latent_dim
+        self.projection = nn.Linear(width, c.n_classes) if c.decoder_projection else None
 
     def forward(self, *inputs) -> Tuple[torch.Tensor, Attentions]:
         latent_array, output_array, attentions = _unpack(
             inputs, ("latent_array", "output_array", "attentions"), "DecoderBlock")
-        out, weights = self.block(latent_array, output_array, None, attentions is not None)
+        if self.config.decoder_type == "attention":
+            out, weights = self.block(latent_array, output_array, None, attentions is not None)
+            attentions = None if attentions is None else attentions + [weights]
+        else:
+            out = latent_array
         reduction = self.config.decoder_reduction
         if reduction == "mean":
             out = out.mean(dim=1)
@@ -355,9 +373,11 @@ class DecoderBlock(nn.Module):
             out = out[:, 0]
         elif reduction == "last":
             out = out[:, -1]
+        if self.config.decoder_type == "latent_pool":
+            out = self.norm(out)
         if self.projection is not None:
             out = self.projection(out)
-        return out, (None if attentions is None else attentions + [weights])
+        return out, attentions
 
 
 def get_sequential_from_config(config: PerceiverConfig, indices: Optional[Sequence[int]] = None) -> nn.Sequential:
@@ -407,7 +427,8 @@ class Perceiver(nn.Module):
     (batch, queries, output_dim). Returns logits, (batch, n_classes) or (batch, output_len,
     n_classes) without decoder_reduction; with return_attentions, (logits, maps): the encoder's
     cross-attention (batch, cross_heads, latent_len, input_len), each processor's
-    (batch, num_heads, latent_len, latent_len) and the decoder's (batch, cross_heads, queries, latent_len).
+    (batch, num_heads, latent_len, latent_len) and, with decoder_type='attention', the decoder's
+    (batch, cross_heads, queries, latent_len).
     """
 
     def __init__(self, config: PerceiverConfig):

@@ -457,3 +457,15 @@ def test_self_attention_block_rejects_other_kv():
     block = Block(8, 8, 2, 16, self_attention=True)
     with pytest.raises(ValueError, match="a self-attention Block reads its own input"):
         block(torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+
+
+def test_latent_pool_decoder_pools_the_latents():
+    config = tiny(decoder_type="latent_pool", decoder_reduction="mean")
+    model = Perceiver(config).eval()
+    logits, maps = model(torch.randn(2, 12, 6), return_attentions=True)
+    assert logits.shape == (2, 5) and len(maps) == 1 + config.num_layers   # no decoder map
+    assert model.model.embeddings.output_array is None
+    with pytest.raises(ValueError, match="output_array .* needs decoder_type='attention'"):
+        model(torch.randn(2, 12, 6), output_array=torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="decoder_type='latent_pool' pools the latents"):
+        tiny(decoder_type="latent_pool", decoder_reduction=None)

@@ -1,0 +1,90 @@
+"""Real images, offline first: scikit-learn's 8x8 digits by default, torchvision MNIST / CIFAR-10 on request."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+import torch
+
+Split = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ImageSplits:
+    """Train/validation/test tensors: images (n, channels, height, width) float in [0, 1], labels (n,) long."""
+
+    train: Split
+    val: Split
+    test: Split
+    classes: Tuple[str, ...]
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return tuple(self.train[0].shape[1:])
+
+
+def _stratified_split(labels: np.ndarray, fractions: Tuple[float, float, float], seed: int):
+    """Indices of train/val/test with each class split in the same proportions."""
+    rng = np.random.default_rng(seed)
+    parts = ([], [], [])
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        n_val = int(round(fractions[1] * len(idx)))
+        n_test = int(round(fractions[2] * len(idx)))
+        parts[1].append(idx[:n_val])
+        parts[2].append(idx[n_val:n_val + n_test])
+        parts[0].append(idx[n_val + n_test:])
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def load_digits_splits(val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> ImageSplits:
+    """The 1,797 real 8x8 digits shipped with scikit-learn, split by class (stratified) and seed.
+
+    Images are (n, 1, 8, 8) floats in [0, 1] (the raw 0..16 gray levels divided by 16).
+    The default split is 70/10/20 train/val/test; the same seed always gives the same split.
+    """
+    if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction and test_fraction must be in [0, 1) and sum below 1, "
+                         f"got {val_fraction} and {test_fraction}")
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    train, val, test = _stratified_split(digits.target, (1 - val_fraction - test_fraction, val_fraction,
+                                                         test_fraction), seed)
+    return ImageSplits(*[(images[i], labels[i]) for i in (train, val, test)],
+                       classes=tuple(str(c) for c in range(10)))
+
+
+def load_torchvision_splits(name: str, root: str, download: bool = False, val_fraction: float = 0.1,
+                            seed: int = 0) -> ImageSplits:
+    """MNIST or CIFAR-10 from torchvision, as tensors; an opt-in path that needs the files.
+
+    The official test set is the test split; the validation split is a stratified part of the
+    official training set. With download=False and no data under `root`, raises FileNotFoundError
+    saying where the data was looked for and how to fetch it.
+    """
+    import torchvision
+    datasets = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}
+    key = name.lower().replace("-", "")
+    if key not in datasets:
+        raise ValueError(f"name must be one of {sorted(datasets)}, got {name!r}")
+    try:
+        train_set = datasets[key](root, train=True, download=download)
+        test_set = datasets[key](root, train=False, download=download)
+    except RuntimeError as error:
+        raise FileNotFoundError(
+            f"{name} not found under {os.path.abspath(root)!r} and download=False; pass download=True "
+            f"(needs internet) or put the torchvision {name} files there ({error})") from None
+
+    def tensors(dataset):
+        data = torch.as_tensor(np.asarray(dataset.data))
+        images = (data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)).float() / 255.0
+        return images, torch.as_tensor(np.asarray(dataset.targets), dtype=torch.long)
+
+    images, labels = tensors(train_set)
+    train_idx, val_idx, _ = _stratified_split(labels.numpy(), (1 - val_fraction, val_fraction, 0.0), seed)
+    return ImageSplits((images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx]),
+                       tensors(test_set), classes=tuple(str(c) for c in train_set.classes))

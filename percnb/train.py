@@ -1,0 +1,202 @@
+"""One small training loop for every notebook and script: `fit` and `evaluate`.
+
+A task is a model plus a `step_fn(model, batch) -> (loss, n_correct, n_counted)`; the default is
+classification with cross-entropy on `(inputs, targets)` batches. The masked language model passes
+its own step_fn that scores only the masked positions.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+StepFn = Callable[[nn.Module, Sequence[torch.Tensor]], Tuple[torch.Tensor, int, int]]
+Data = Union[Dataset, DataLoader, Tuple[torch.Tensor, ...]]
+SCHEDULES = ("onecycle", "cosine", "constant")
+
+
+def classification_step(model: nn.Module, batch: Sequence[torch.Tensor],
+                        label_smoothing: float = 0.0) -> Tuple[torch.Tensor, int, int]:
+    """Cross-entropy of `model(inputs)` (batch, classes) against `targets` (batch,)."""
+    inputs, targets = batch[0], batch[1]
+    logits = model(inputs)
+    loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    return loss, int((logits.argmax(-1) == targets).sum()), targets.numel()
+
+
+@dataclass
+class History:
+    """What `fit` saw: per-step train loss and learning rate, per-evaluation validation metrics."""
+
+    step: List[int] = field(default_factory=list)
+    loss: List[float] = field(default_factory=list)
+    lr: List[float] = field(default_factory=list)
+    train_accuracy: List[float] = field(default_factory=list)
+    eval_step: List[int] = field(default_factory=list)
+    val_loss: List[float] = field(default_factory=list)
+    val_accuracy: List[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def plot(self, ax=None, **kwargs):
+        """Training curves (see `percnb.viz.plot_history`)."""
+        from .viz import plot_history
+        return plot_history(self, ax=ax, **kwargs)
+
+
+def _as_loader(data: Data, batch_size: int, shuffle: bool, generator: Optional[torch.Generator], name: str):
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, tuple):
+        if not data or not all(isinstance(t, torch.Tensor) for t in data):
+            raise TypeError(f"{name} as a tuple must hold tensors (inputs, targets, ...), got "
+                            f"{[type(t).__name__ for t in data]}")
+        if len({len(t) for t in data}) != 1:
+            raise ValueError(f"{name} tensors must share their first (sample) dimension, got "
+                             f"{[tuple(t.shape) for t in data]}")
+        data = TensorDataset(*data)
+    if not isinstance(data, Dataset):
+        raise TypeError(f"{name} must be a Dataset, a DataLoader or a tuple of tensors, got {type(data).__name__}")
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def _lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based) of `total`."""
+    if schedule == "constant":
+        return min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if step < warmup:
+        start = 0.04 if schedule == "onecycle" else 0.0   # one-cycle starts at peak/25
+        return start + (1 - start) * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _to(batch, device):
+    return [t.to(device) if isinstance(t, torch.Tensor) else t for t in batch]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Data, *, step_fn: Optional[StepFn] = None, batch_size: int = 256,
+             device: Optional[Union[str, torch.device]] = None) -> Dict[str, float]:
+    """Mean loss (weighted by counted items) and accuracy of `model` on `data`, in eval mode."""
+    step_fn = step_fn or classification_step
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for batch in _as_loader(data, batch_size, False, None, "data"):
+        loss, n_correct, n = step_fn(model, _to(batch, device))
+        total_loss += float(loss) * n
+        correct += n_correct
+        count += n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("data is empty: nothing to evaluate")
+    return {"loss": total_loss / count, "accuracy": correct / count}
+
+
+def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, epochs: Optional[int] = None,
+        steps: Optional[int] = None, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.01,
+        schedule: str = "onecycle", warmup: Union[float, int] = 0.1, grad_clip: Optional[float] = None,
+        label_smoothing: float = 0.0, augment: Optional[Callable] = None, step_fn: Optional[StepFn] = None,
+        eval_every: Optional[int] = None, max_seconds: Optional[float] = None, seed: int = 0,
+        progress: bool = True, device: Optional[Union[str, torch.device]] = None,
+        callback: Optional[Callable[[int, "History"], None]] = None) -> History:
+    """Train `model` with AdamW and a learning-rate schedule; returns a `History`.
+
+    Give `epochs` or `steps` (passes over train_data, or optimizer steps). `warmup` is a fraction
+    of the steps (float < 1) or a step count (int). `augment(batch) -> batch` runs on training
+    batches only. `step_fn(model, batch) -> (loss, n_correct, n_counted)` defines the task
+    (default: classification with `label_smoothing`). Validation runs every `eval_every` steps
+    (default: once per epoch) and at the end. `max_seconds` stops early (after the current step)
+    once that much training time has passed. Same seed, same data order, same result.
+    """
+    if (epochs is None) == (steps is None):
+        raise ValueError(f"give exactly one of epochs or steps, got epochs={epochs}, steps={steps}")
+    for name, value in (("epochs", epochs), ("steps", steps), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if step_fn is not None and label_smoothing:
+        raise ValueError("label_smoothing applies to the default classification step; "
+                         "a custom step_fn handles its own loss")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    torch.manual_seed(seed)  # dropout masks and anything random in augment
+    generator = torch.Generator().manual_seed(seed)
+    loader = _as_loader(train_data, batch_size, True, generator, "train_data")
+    if len(loader) == 0:
+        raise ValueError("train_data is empty")
+    total = steps if steps is not None else epochs * len(loader)
+    warmup_steps = int(round(warmup * total)) if isinstance(warmup, float) and warmup < 1 else int(warmup)
+    if not 0 <= warmup_steps <= total:
+        raise ValueError(f"warmup must be a fraction in [0, 1) or a step count <= {total}, got {warmup!r}")
+    eval_every = eval_every or len(loader)
+    if step_fn is None:
+        def step_fn(m, b):
+            return classification_step(m, b, label_smoothing)
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(schedule, s, total, warmup_steps))
+
+    history = History()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc="training", leave=True)
+    model.to(device).train()
+    start, step = time.perf_counter(), 0
+    while step < total:
+        for batch in loader:
+            batch = _to(batch, device)
+            if augment is not None:
+                batch = augment(batch)
+            loss, n_correct, n = step_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower lr or add grad_clip")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            history.lr.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            history.step.append(step)
+            history.loss.append(loss.item())
+            history.train_accuracy.append(n_correct / max(n, 1))
+            timed_out = max_seconds is not None and time.perf_counter() - start >= max_seconds
+            if val_data is not None and (step % eval_every == 0 or step == total or timed_out):
+                metrics = evaluate(model, val_data, step_fn=step_fn, device=device)
+                history.eval_step.append(step)
+                history.val_loss.append(metrics["loss"])
+                history.val_accuracy.append(metrics["accuracy"])
+                model.train()
+            if bar is not None:
+                shown = {"loss": f"{history.loss[-1]:.3f}"}
+                if history.val_accuracy:
+                    shown["val_acc"] = f"{history.val_accuracy[-1]:.3f}"
+                bar.set_postfix(shown, refresh=False)
+                bar.update(1)
+            if callback is not None:
+                callback(step, history)
+            if step >= total or timed_out:
+                break
+        if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+            break
+    if bar is not None:
+        bar.close()
+    history.seconds = time.perf_counter() - start
+    model.eval()
+    return history

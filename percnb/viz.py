@@ -1,0 +1,137 @@
+"""Plots people would rather look at than read: attention heatmaps, cross-attention over images,
+training curves, confusion matrices (matplotlib)."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def _axes(ax, figsize=(4, 3.2)):
+    import matplotlib.pyplot as plt
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def cross_attention_map(attn: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Fold one cross-attention map back onto the image grid.
+
+    attn: (batch, heads, latents, height * width) weights from `Perceiver(..., return_attentions=True)`.
+    Returns (batch, heads, latents, height, width).
+    """
+    if not isinstance(attn, torch.Tensor) or attn.dim() != 4:
+        raise ValueError(f"attn must be a (batch, heads, latents, keys) tensor, got "
+                         f"{tuple(attn.shape) if isinstance(attn, torch.Tensor) else type(attn).__name__}")
+    if attn.shape[-1] != height * width:
+        raise ValueError(
+            f"attn has {attn.shape[-1]} keys but the grid {height}x{width} has {height * width}; "
+            "pass the encoder's cross-attention map (the first one returned)")
+    return attn.unflatten(-1, (height, width))
+
+
+def plot_attention(weights, ax=None, title: Optional[str] = None, xlabels: Optional[Sequence[str]] = None,
+                   ylabels: Optional[Sequence[str]] = None, xlabel: str = "key", ylabel: str = "query",
+                   cmap: str = "viridis"):
+    """Heatmap of one (queries, keys) attention matrix; rows are queries, columns keys."""
+    w = np.asarray(torch.as_tensor(weights).detach().cpu())
+    if w.ndim != 2:
+        raise ValueError(f"weights must be a 2-D (queries, keys) matrix, got shape {w.shape}; pick one sample and head")
+    ax = _axes(ax)
+    image = ax.imshow(w, cmap=cmap, aspect="auto", interpolation="nearest")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    if xlabels is not None:
+        ax.set_xticks(range(len(xlabels)), list(xlabels), fontsize=7)
+    if ylabels is not None:
+        ax.set_yticks(range(len(ylabels)), list(ylabels), fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_cross_attention(image: torch.Tensor, attn: torch.Tensor, latents: Sequence[int], head: Optional[int] = None,
+                         axes=None, alpha: float = 0.6, titles: Optional[Sequence[str]] = None):
+    """The image, then for each latent its cross-attention over the pixels overlaid on the image.
+
+    image: (channels, height, width) in [0, 1]; attn: (heads, latents, height * width) for that image
+    (the first map returned, one sample). head=None averages the heads.
+    """
+    import matplotlib.pyplot as plt
+    if image.dim() != 3:
+        raise ValueError(f"image must be (channels, height, width), got shape {tuple(image.shape)}")
+    _, height, width = image.shape
+    maps = cross_attention_map(attn.unsqueeze(0), height, width)[0]          # (heads, latents, h, w)
+    maps = maps.mean(0) if head is None else maps[head]
+    if axes is None:
+        _, axes = plt.subplots(1, len(latents) + 1, figsize=(1.9 * (len(latents) + 1), 2.1))
+    shown = _image_for_display(image)
+    axes[0].imshow(shown, cmap="gray")
+    axes[0].set_title("input")
+    for k, (ax, latent) in enumerate(zip(axes[1:], latents)):
+        ax.imshow(shown, cmap="gray")
+        ax.imshow(maps[latent].detach().cpu().numpy(), cmap="magma", alpha=alpha, interpolation="nearest")
+        ax.set_title(titles[k] if titles else f"latent {latent}", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    return axes
+
+
+def _image_for_display(image: torch.Tensor) -> np.ndarray:
+    array = image.detach().cpu().numpy()
+    return array[0] if array.shape[0] == 1 else np.clip(array.transpose(1, 2, 0), 0, 1)
+
+
+def plot_history(history, ax=None, baselines: Optional[Dict[str, float]] = None, smooth: int = 10):
+    """Training loss (smoothed over `smooth` steps) and validation accuracy against steps.
+
+    `baselines` {"name": accuracy} are drawn as dashed lines on the accuracy axis.
+    """
+    ax = _axes(ax, figsize=(6, 3.2))
+    loss = np.asarray(history.loss, dtype=float)
+    if smooth > 1 and len(loss) >= smooth:
+        loss = np.convolve(loss, np.ones(smooth) / smooth, mode="valid")
+        steps = np.asarray(history.step[smooth - 1:])
+    else:
+        steps = np.asarray(history.step)
+    ax.plot(steps, loss, color="tab:blue", label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss", color="tab:blue")
+    if history.val_accuracy:
+        right = ax.twinx()
+        right.plot(history.eval_step, history.val_accuracy, "o-", color="tab:orange", ms=3, label="val accuracy")
+        for name, value in (baselines or {}).items():
+            right.axhline(value, ls="--", lw=1, color="gray")
+            right.annotate(name, (history.eval_step[0], value), fontsize=8, color="gray", va="bottom")
+        right.set_ylabel("val accuracy", color="tab:orange")
+        right.set_ylim(0, 1)
+    return ax
+
+
+def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, num_classes) counts; row = true class, column = predicted class."""
+    predictions, targets = torch.as_tensor(predictions).flatten(), torch.as_tensor(targets).flatten()
+    if predictions.shape != targets.shape:
+        raise ValueError(f"predictions and targets must have the same length, got {predictions.numel()} "
+                         f"and {targets.numel()}")
+    return torch.bincount(targets * num_classes + predictions, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def plot_confusion(matrix: torch.Tensor, classes: Optional[Sequence[str]] = None, ax=None):
+    """Confusion matrix heatmap with counts written in the cells."""
+    m = np.asarray(matrix)
+    ax = _axes(ax, figsize=(4.2, 3.8))
+    ax.imshow(m, cmap="Blues")
+    classes = classes or [str(i) for i in range(len(m))]
+    ax.set_xticks(range(len(m)), classes)
+    ax.set_yticks(range(len(m)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(m)):
+        for j in range(len(m)):
+            if m[i, j]:
+                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] > m.max() / 2 else "black")
+    return ax
