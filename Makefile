@@ -21,7 +21,7 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests/ -q
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-		$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks/ -q; \
+		$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks/ -q; \
 	else echo "no notebooks yet"; fi
 
 clean:

@@ -64,10 +64,11 @@ class AttentionExplorer:
         self.token_labels = token_labels or _byte_label
         self._cache: Dict[int, Tuple[torch.Tensor, List[torch.Tensor]]] = {}
         logits, maps = self._outputs(0)
-        self.num_latents, self.num_layers = maps[0].shape[1], len(maps) - 2
+        has_decoder = model.config.decoder_type == "attention"   # a pooling head has no attention map
+        self.num_latents, self.num_layers = maps[0].shape[1], len(maps) - 1 - has_decoder
         self.per_position = logits.dim() == 2          # (seq, vocab): one prediction per position
 
-        layers = ["encoder"] + [f"processor {k}" for k in range(self.num_layers)] + ["decoder"]
+        layers = ["encoder"] + [f"processor {k}" for k in range(self.num_layers)] + ["decoder"] * has_decoder
         style = {"description_width": "initial"}
         self.sample = w.IntSlider(0, 0, len(inputs) - 1, description="sample", style=style, continuous_update=False)
         self.layer = w.Dropdown(options=layers, value="encoder", description="layer", style=style)

@@ -75,3 +75,12 @@ def test_explorer_rejects_bad_inputs():
         AttentionExplorer(model, torch.rand(2, 8, 8))
     with pytest.raises(ValueError, match="labels has 1 entries but inputs has 2 samples"):
         AttentionExplorer(model, torch.rand(2, 1, 8, 8), labels=torch.tensor([1]))
+
+
+def test_explorer_with_a_pooling_head_has_no_decoder_layer():
+    model = PerceiverImage(image_config(1, 8, 8, 10, input_dim=16, latent_len=4, latent_dim=16, num_heads=2,
+                                        num_layers=2, decoder_type="latent_pool"))
+    explorer = AttentionExplorer(model, torch.rand(2, 1, 8, 8))
+    assert list(explorer.layer.options) == ["encoder", "processor 0", "processor 1"]
+    explorer.layer.value = "processor 1"
+    assert explorer.image_data().sum() == pytest.approx(1.0, abs=1e-5)
