@@ -154,6 +154,10 @@ class StageModule(nn.Module):
         start, mb = time.time(), self._mb
         self._mb += 1
         self.events.append(("forward_start", mb, start))
+        recording = torch.is_grad_enabled()
+        if recording:  # backward reaches the stage's input last: that is where its backward ends
+            probe = torch.zeros((), requires_grad=True)
+            tensors = (_BackwardProbe.apply(probe, tensors[0], self.events, mb),) + tensors[1:]
         first = self.indices[0]
         if first == 0:
             inputs, mask = tensors
@@ -170,10 +174,7 @@ class StageModule(nn.Module):
         for module in rest:
             h = module(h)
         out = tuple(t.contiguous() for t in self._pack(h))     # send/recv need contiguous buffers
-        if torch.is_grad_enabled():
-            probe = torch.zeros((), requires_grad=True)
-            out = tuple(_BackwardProbe.apply(probe, t, self.events, mb) if t.is_floating_point() and t.requires_grad
-                        else t for t in out)
+        if recording:
             out[0].register_hook(lambda g, mb=mb: self.events.append(("backward_start", mb, time.time())) or g)
         self.events.append(("forward_end", mb, time.time()))
         return out if len(out) > 1 else out[0]
@@ -321,7 +322,8 @@ def _worker(rank: int, plan: PipelinePlan, port: int, inputs: torch.Tensor, targ
         model = get_distributed_model(plan.config, plan.num_stages, split_points=plan.split_points,
                                       schedule=plan.schedule, n_microbatches=plan.n_microbatches,
                                       device=device_of(rank))
-        optimizer = torch.optim.SGD(model.module.parameters(), lr=lr)
+        # AdamW without weight decay: the same update percnb.train.fit makes with weight_decay=0
+        optimizer = torch.optim.AdamW(model.module.parameters(), lr=lr, weight_decay=0.0)
         losses, grads, events, seconds = [], {}, [], []
         for step in range(steps):
             model.module.reset_events()
@@ -347,8 +349,8 @@ def _worker(rank: int, plan: PipelinePlan, port: int, inputs: torch.Tensor, targ
 
 def run_pipeline(config: PerceiverConfig, inputs: torch.Tensor, targets: torch.Tensor, num_stages: int = 2, *,
                  split_points: Optional[Sequence[int]] = None, schedule: str = "1f1b", n_microbatches: int = 4,
-                 steps: int = 1, lr: float = 0.0, threads: int = 1, infer: bool = False) -> PipelineResult:
-    """Train `steps` SGD steps of a `num_stages`-process pipeline on one batch, on this machine.
+                 steps: int = 1, lr: float = 1e-3, threads: int = 1, infer: bool = False) -> PipelineResult:
+    """Train `steps` AdamW steps (no weight decay) of a `num_stages`-process pipeline on one batch.
 
     Starts one process per stage (torch.multiprocessing, spawn), NCCL on GPUs when there are enough,
     else gloo on CPU, each with `threads` threads. Settings are checked before any process starts; a
@@ -399,7 +401,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--layers", type=int, default=4, help="latent self-attention layers")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     args = parser.parse_args(argv)
     config = _demo_config(args.layers)
     g = torch.Generator().manual_seed(0)
@@ -410,7 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         try:
             model = get_distributed_model(config, split_points=None, schedule=args.schedule,
                                           n_microbatches=args.microbatches, device=device_of(dist.get_rank()))
-            optimizer = torch.optim.SGD(model.module.parameters(), lr=args.lr)
+            optimizer = torch.optim.AdamW(model.module.parameters(), lr=args.lr, weight_decay=0.0)
             for step in range(args.steps):
                 optimizer.zero_grad(set_to_none=True)
                 loss = model.train_step(inputs if model.is_first else None, targets if model.is_last else None)

@@ -135,3 +135,37 @@ def plot_confusion(matrix: torch.Tensor, classes: Optional[Sequence[str]] = None
                 ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if m[i, j] > m.max() / 2 else "black")
     return ax
+
+
+def plot_pipeline_timeline(events, ax=None, title: Optional[str] = None):
+    """Gantt chart of one pipeline step from measured events: a row per stage, a box per microbatch's
+    forward (blue) and backward (orange), numbered by microbatch.
+
+    events: one list per stage of (kind, microbatch, unix_time) with kinds forward_start/forward_end/
+    backward_start/backward_end, as recorded by `percnb.pipeline` (`PipelineResult.events[stage][step]`).
+    Returns the axes; times are in milliseconds from the first event.
+    """
+    ax = _axes(ax, figsize=(9, 1 + 0.7 * len(events)))
+    t0 = min(t for stage in events for _, _, t in stage)
+    for row, stage in enumerate(events):
+        marks = {(kind, mb): t for kind, mb, t in stage}
+        for (kind, mb), start in marks.items():
+            if not kind.endswith("_start"):
+                continue
+            phase = kind[:-len("_start")]
+            end = marks.get((phase + "_end", mb))
+            if end is None:
+                continue
+            color = "tab:blue" if phase == "forward" else "tab:orange"
+            left, width = (start - t0) * 1e3, max((end - start) * 1e3, 1e-3)
+            ax.barh(row, width, left=left, height=0.7, color=color, edgecolor="black", linewidth=0.5)
+            ax.text(left + width / 2, row, str(mb), ha="center", va="center", fontsize=7, color="white")
+    ax.set_yticks(range(len(events)), [f"stage {s}" for s in range(len(events))])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(color="tab:blue", label="forward"), Patch(color="tab:orange", label="backward")],
+              loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
