@@ -120,3 +120,23 @@ def test_plots_draw_what_they_are_given():
         plot_attention(torch.rand(2, 3, 3))
     ax = plot_confusion(torch.eye(3, dtype=torch.long) * 5)
     assert len(ax.texts) == 3
+
+
+def test_random_shift_moves_images_by_at_most_one_pixel():
+    from percnb.data import RandomShift
+    torch.manual_seed(0)
+    images = torch.zeros(64, 1, 8, 8)
+    images[:, 0, 4, 4] = 1.0
+    shifted, labels = RandomShift(max_shift=1, p=0.5)([images, torch.arange(64)])
+    positions = shifted[:, 0].flatten(1).argmax(1)
+    rows, cols = positions // 8, positions % 8
+    assert torch.equal(labels, torch.arange(64)) and torch.all(shifted.sum((1, 2, 3)) == 1)
+    assert torch.all((rows - 4).abs() <= 1) and torch.all((cols - 4).abs() <= 1)
+    moved = ((rows != 4) | (cols != 4)).float().mean()
+    assert 0.2 < moved < 0.6                                  # about p * 8/9 of the images move
+
+
+def test_random_shift_with_p_zero_is_identity():
+    from percnb.data import RandomShift
+    images = torch.rand(5, 1, 8, 8)
+    assert torch.equal(RandomShift(p=0.0)([images, None])[0], images)

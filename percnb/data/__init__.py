@@ -1,2 +1,2 @@
 """Offline-first data: real images (`percnb.data.images`) and real text (`percnb.data.text`)."""
-from .images import ImageSplits, load_digits_splits, load_torchvision_splits
+from .images import ImageSplits, RandomShift, load_digits_splits, load_torchvision_splits
