@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: lab test test-unit test-notebooks setup clean
+.PHONY: lab test test-browser setup clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ test: $(STAMP)
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
 		$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks/ -q; \
 	else echo "no notebooks yet"; fi
+
+# The browser test alone (JupyterLab + Debian's Chromium); `make test` runs it too when Chromium is installed.
+test-browser: $(STAMP)
+	$(PY) -m pytest tests/browser -q
 
 clean:
 	rm -rf $(VENV)

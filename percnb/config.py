@@ -45,8 +45,8 @@ class PerceiverConfig:
 
     percnb's additions: `pos_encoding` ("trainable", "sinusoid", "fourier" or "none"),
     `share_weights` (one self-attention block reused `num_layers` times), `cross_heads` (heads of the
-    encoder and decoder cross-attentions, 1 as in the paper), `latent_init_std` (1.0: with 0.02 a
-    digits model stayed near chance, see the README), `input_channels` (raw feature size when it
+    encoder and decoder cross-attentions, 1 as in the paper), `latent_init_std` (1.0, so that the
+    latents start distinct; notebook 03's first exercise compares 0.02), `input_channels` (raw feature size when it
     differs from `input_dim`: a linear layer maps it, after Fourier features are concatenated),
     `input_shape`, `fourier_bands` and `max_resolution` (the grid of the Fourier features),
     `decoder_type`: "attention" (Perceiver IO: output queries cross-attend to the latents) or

@@ -64,3 +64,17 @@ def test_notebook_checks_its_claims_and_installs_only_on_colab(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_readme_lists_the_notebook(path):
     assert f"notebooks/{path.name}" in (ROOT / "README.md").read_text(), f"README does not list {path.name}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_widgets_carry_their_state_for_static_viewers(path):
+    """A widget output shows in a static viewer (GitHub, nbviewer) only if its state was saved."""
+    nb = json.loads(path.read_text())
+    views = [o["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+             for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    if not views:
+        return
+    state = nb["metadata"].get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    missing = [v for v in views if v not in state]
+    assert not missing, f"{path.name}: execute with --ExecutePreprocessor.store_widget_state=True ({missing})"

@@ -1,0 +1,151 @@
+"""The AttentionExplorer in a real browser: JupyterLab + headless Chromium (Debian's), driven by Playwright.
+
+Starts JupyterLab on 127.0.0.1 (random free port, random token) in a temporary folder holding a small
+notebook, runs it, moves the sample and latent controls and checks that the drawn attention image
+changes and that no error appears. Saves screenshots to docs/img/. The server's process group is
+killed and its port checked free at the end, pass or fail. Skipped when Chromium or Playwright is
+missing (`.ci/run` installs Chromium, so CI always runs it).
+"""
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = ROOT / "docs" / "img"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+NOTEBOOK_CELLS = [
+    "import torch\n"
+    "from percnb.data import load_digits_splits\n"
+    "from percnb.models import PerceiverImage, image_config\n"
+    "from percnb.train import fit\n"
+    "from percnb.widgets import AttentionExplorer\n"
+    "torch.manual_seed(0); torch.set_num_threads(1)\n"
+    "data = load_digits_splits()\n"
+    "model = PerceiverImage(image_config(1, 8, 8, 10, input_dim=32, latent_len=8, latent_dim=32, num_heads=2,\n"
+    "                                    num_layers=1, ffw_latent=64, decoder_type='latent_pool'))\n"
+    "fit(model, data.train, epochs=6, batch_size=64, lr=3e-3, progress=False)\n"
+    "explorer = AttentionExplorer(model, data.test[0][:8], labels=data.test[1][:8], class_names=data.classes)\n"
+    "explorer",
+]
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.fixture
+def jupyter_lab(tmp_path):
+    notebook = {"cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+                           "source": source} for source in NOTEBOOK_CELLS],
+                "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+                "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "explorer.ipynb").write_text(json.dumps(notebook))
+    settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    port, token = _free_port(), secrets.token_hex(16)
+    log = open(tmp_path / "jupyter.log", "w")
+    env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--allow-root", "--no-browser", "--ServerApp.ip=127.0.0.1",
+         f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+         f"--ServerApp.root_dir={tmp_path}"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"JupyterLab did not start: {(tmp_path / 'jupyter.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield base, token
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+        log.close()
+        assert _port_is_free(port), f"port {port} still in use after shutdown"
+
+
+def _image_src(page) -> str:
+    return page.locator(".percnb-attention-explorer img").first.get_attribute("src")
+
+
+def _set_slider(page, description: str, value: int) -> None:
+    """Type a value into an ipywidgets 8 slider's editable readout, as a person can."""
+    slider = page.locator(".percnb-attention-explorer .widget-slider", has=page.locator(f"label:text-is('{description}')"))
+    readout = slider.locator(".widget-readout")
+    readout.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type(str(value))
+    page.keyboard.press("Enter")
+
+
+def _wait_for_change(page, before: str, timeout: float = 30.0) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        src = _image_src(page)
+        if src and src != before:
+            return src
+        time.sleep(0.25)
+    raise AssertionError("the attention image did not change")
+
+
+def test_attention_explorer_responds_in_jupyterlab(jupyter_lab):
+    base, token = jupyter_lab
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 900})
+            page.goto(f"{base}/lab/tree/explorer.ipynb?token={token}")
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+            page.locator(".jp-Cell .cm-content").first.click()
+            page.keyboard.press("Shift+Enter")
+            page.wait_for_selector(".percnb-attention-explorer img", timeout=150_000)
+            first = _image_src(page)
+            assert first.startswith(("blob:", "data:image/png")), first[:40]
+            page.locator(".percnb-attention-explorer").screenshot(path=str(SHOTS / "explorer_digit.png"))
+
+            _set_slider(page, "sample", 3)
+            after_sample = _wait_for_change(page, first)
+            assert "label" in page.locator(".percnb-attention-explorer .widget-html").first.inner_text()
+
+            _set_slider(page, "latent", 5)
+            after_latent = _wait_for_change(page, after_sample)
+            assert len({first, after_sample, after_latent}) == 3
+            page.locator(".percnb-attention-explorer").screenshot(path=str(SHOTS / "explorer_digit_latent5.png"))
+
+            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+            assert errors.count() == 0, errors.first.inner_text()
+        finally:
+            browser.close()
