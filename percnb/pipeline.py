@@ -7,12 +7,14 @@ cut into microbatches that flow through the stages so that stages work at the sa
 
 What crosses a stage boundary is always a tuple of tensors, fixed by where the cut is: after the
 embeddings `(inputs, mask, latents[, queries])`, after any later module `(latents[, queries])`
-(queries only with decoder_type='attention'). The mask travels as 0/1 floats (gloo sends no
-bools); a batch without a mask gets an all-ones one. No sentinel values.
+(queries only with decoder_type='attention'). The mask is a bool tensor (batch, input_len),
+True = attend; a batch given without a mask travels with an all-True one, which attends exactly
+where no mask does. Attention maps are not carried (pipelines train; use `Perceiver` to look).
 
 Entry points: `get_distributed_model` (inside an initialised process group: this rank's stage and
-schedule), `run_pipeline` (starts N local processes, trains, returns losses, gradients and
-per-microbatch timings) and `python -m percnb.pipeline` / `torchrun ... -m percnb.pipeline`.
+schedule), `run_pipeline` / `run_pipelines` (start N local processes, train, return losses,
+gradients and per-microbatch timings) and `python -m percnb.pipeline` / `torchrun ... -m
+percnb.pipeline`.
 """
 from __future__ import annotations
 
@@ -32,9 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PerceiverConfig
-from .models import Perceiver, get_sequential_from_config
+from .models import Perceiver, _check_mask, get_sequential_from_config
 
 SCHEDULES = ("gpipe", "1f1b")
+# Also the limit of every collective and send/recv: a rank whose peer died stops waiting after it.
 INIT_TIMEOUT = timedelta(seconds=60)
 
 
@@ -114,11 +117,24 @@ def plan_pipeline(config: PerceiverConfig, num_stages: int, split_points: Option
     return plan
 
 
+
 def choose_backend(num_stages: int) -> Tuple[str, Callable[[int], torch.device]]:
-    """NCCL with one GPU per rank when there are at least `num_stages` CUDA devices, else gloo on CPU."""
+    """NCCL with one GPU per rank when there are at least `num_stages` CUDA devices, else gloo on CPU.
+
+    Returns (backend, device_of) where device_of(local_rank) is the rank's device.
+    """
     if torch.cuda.is_available() and torch.cuda.device_count() >= num_stages:
-        return "nccl", lambda rank: torch.device("cuda", rank)
-    return "gloo", lambda rank: torch.device("cpu")
+        return "nccl", lambda local_rank: torch.device("cuda", local_rank)
+    return "gloo", lambda local_rank: torch.device("cpu")
+
+
+def init_process_group(backend: str, device: torch.device, **kwargs) -> None:
+    """`torch.distributed.init_process_group` with the timeout always set and, for NCCL, the
+    process bound to its GPU first (NCCL collectives and split groups need a device per rank)."""
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
+    dist.init_process_group(backend, timeout=INIT_TIMEOUT, **kwargs)
 
 
 # --------------------------------------------------------------------------- one stage
@@ -138,17 +154,20 @@ class _BackwardProbe(torch.autograd.Function):
 
 
 class StageModule(nn.Module):
-    """The modules of one stage, with tensor-only inputs and outputs (see the module docstring)."""
+    """The modules of one stage, with tensor-only inputs and outputs (see the module docstring).
+
+    forward(*tensors): the first stage takes (input_array, mask (batch, input_len) bool); a later
+    stage takes what the previous one returned. The last stage returns the logits. Each call
+    appends (kind, microbatch, unix_time) to `events` for kinds forward_start, forward_end,
+    backward_start and backward_end (the backward ones when autograd runs through the stage).
+    """
 
     def __init__(self, plan: PipelinePlan, stage: int):
         super().__init__()
         self.config, self.indices = plan.config, plan.stage_indices(stage)
         self.model = get_sequential_from_config(plan.config, self.indices)
-        self.events: List[tuple] = []     # (kind, microbatch, time) for timelines
+        self.events: List[tuple] = []
         self._mb = 0
-
-    def _has_queries(self) -> bool:
-        return self.config.decoder_type == "attention"
 
     def forward(self, *tensors: torch.Tensor):
         start, mb = time.time(), self._mb
@@ -161,11 +180,11 @@ class StageModule(nn.Module):
         first = self.indices[0]
         if first == 0:
             inputs, mask = tensors
-            h = self.model[0](inputs, mask != 0, None)
+            h = self.model[0](inputs, mask, None)
             rest = list(self.model)[1:]
         elif first == 1:
             inputs, mask, latents, *queries = tensors
-            h = (inputs, mask != 0, latents, queries[0] if queries else None)
+            h = (inputs, mask, latents, queries[0] if queries else None)
             rest = list(self.model)
         else:
             latents, *queries = tensors
@@ -174,7 +193,7 @@ class StageModule(nn.Module):
         for module in rest:
             h = module(h)
         out = tuple(t.contiguous() for t in self._pack(h))     # send/recv need contiguous buffers
-        if recording:
+        if recording and out[0].requires_grad:
             out[0].register_hook(lambda g, mb=mb: self.events.append(("backward_start", mb, time.time())) or g)
         self.events.append(("forward_end", mb, time.time()))
         return out if len(out) > 1 else out[0]
@@ -185,13 +204,23 @@ class StageModule(nn.Module):
             return (h[0],)
         if last == 0:                                     # embeddings: (x, mask, latents, queries)
             x, mask, latents, queries = h
-            mask = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
+            if mask is None:
+                mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
             return (x, mask, latents) + ((queries,) if queries is not None else ())
         latents, queries = h[0], h[1]
         return (latents,) + ((queries,) if queries is not None else ())
 
     def reset_events(self) -> None:
         self.events, self._mb = [], 0
+
+    def drop_extra_calls(self, n_microbatches: int) -> None:
+        """Keep the events of the last `n_microbatches` forward calls, numbered from 0. On its first
+        step a schedule runs each stage once more, before the microbatches, to learn the shapes it
+        will send and receive (torch.distributed.pipelining's metadata inference)."""
+        extra = self._mb - n_microbatches
+        if extra > 0:
+            self.events = [(kind, mb - extra, t) for kind, mb, t in self.events if mb >= extra]
+            self._mb = n_microbatches
 
 
 def default_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -205,9 +234,11 @@ class DistributedPerceiver:
 
     `train_step(inputs, targets, attention_mask=None)` runs one schedule step (forward and backward of
     every microbatch) and returns the mean loss on the last stage (None elsewhere); the gradients
-    are left on `module`'s parameters for your optimizer. `forward(inputs, attention_mask=None)` is
-    an inference pass returning the logits on the last stage. Pass inputs on the first rank and
-    targets on the last; other ranks pass nothing.
+    are left on `module`'s parameters for your optimizer, and `module.events` holds the step's
+    per-microbatch timings. `forward(inputs, attention_mask=None)` is
+    an inference pass returning the logits (batch, n_classes) on the last stage. Pass inputs (and
+    the mask, if any) on the first rank and targets on the last; other ranks pass nothing. The batch
+    must split into `plan.n_microbatches` equal microbatches.
     """
 
     plan: PipelinePlan
@@ -217,6 +248,7 @@ class DistributedPerceiver:
     schedule: object
     device: torch.device
     loss_fn: Callable = field(default=default_loss)
+    group: Optional[object] = field(default=None, repr=False)
     _inference: Optional[object] = field(default=None, repr=False)
 
     @property
@@ -234,26 +266,30 @@ class DistributedPerceiver:
             raise ValueError(f"batch size {inputs.shape[0]} is not divisible by n_microbatches="
                              f"{self.plan.n_microbatches}")
         if attention_mask is None:
-            attention_mask = torch.ones(inputs.shape[:2])
-        return inputs.to(self.device), attention_mask.to(self.device).float()
+            attention_mask = torch.ones(inputs.shape[:2], dtype=torch.bool)
+        attention_mask = _check_mask(attention_mask, inputs.shape[0], inputs.shape[1])
+        return inputs.to(self.device), attention_mask.to(self.device)
 
     def train_step(self, inputs: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
                    attention_mask: Optional[torch.Tensor] = None) -> Optional[float]:
         self.module.train()
+        self.module.reset_events()
         losses: List[torch.Tensor] = []
-        target = targets.to(self.device) if self.is_last else None
         if self.is_last and targets is None:
             raise ValueError("the last rank must pass targets")
+        target = targets.to(self.device) if self.is_last else None
         if self.is_first:
             self.schedule.step(*self._first_args(inputs, attention_mask), target=target, losses=losses)
         else:
             self.schedule.step(target=target, losses=losses)
+        self.module.drop_extra_calls(self.plan.n_microbatches)
         return float(torch.stack([l.detach() for l in losses]).mean()) if self.is_last else None
 
     @torch.no_grad()
     def forward(self, inputs: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         self.module.eval()
+        self.module.reset_events()
         if self._inference is None:   # a schedule without loss_fn only runs forward passes
             from torch.distributed.pipelining import ScheduleGPipe
             self._inference = ScheduleGPipe(self.stage, self.plan.n_microbatches)
@@ -261,123 +297,218 @@ class DistributedPerceiver:
             out = self._inference.step(*self._first_args(inputs, attention_mask))
         else:
             out = self._inference.step()
+        self.module.drop_extra_calls(self.plan.n_microbatches)
         return out if self.is_last else None
 
 
 def get_distributed_model(config: PerceiverConfig, num_stages: Optional[int] = None, *,
                           split_points: Optional[Sequence[int]] = None, schedule: str = "1f1b",
                           n_microbatches: int = 4, loss_fn: Callable = default_loss,
-                          device: Optional[torch.device] = None) -> DistributedPerceiver:
+                          device: Optional[torch.device] = None, group=None) -> DistributedPerceiver:
     """This rank's stage of a pipeline-parallel Perceiver; call inside an initialised process group.
 
     Replaces gperc's `torch.distributed.pipeline.sync.Pipe` model, which no longer exists in torch.
-    num_stages defaults to the world size (one stage per rank). The rank builds only its own modules,
-    with the same weights the single-process `Perceiver(config)` has.
+    One stage per rank of `group` (default: the whole world); num_stages defaults to its size. The
+    rank builds only its own modules, with the same weights the single-process `Perceiver(config)`
+    has. `loss_fn(logits, targets)` must average over the microbatch (the schedule averages the
+    microbatches' gradients). device defaults to the rank's GPU under NCCL, else the CPU.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("get_distributed_model needs an initialised process group: launch with torchrun or "
                            "percnb.pipeline.run_pipeline, which call torch.distributed.init_process_group")
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     num_stages = world if num_stages is None else num_stages
     if num_stages != world:
-        raise ValueError(f"num_stages={num_stages} must equal the world size {world} (one stage per rank)")
+        raise ValueError(f"num_stages={num_stages} must equal the process group's size {world} (one stage per rank)")
     plan = plan_pipeline(config, num_stages, split_points, schedule, n_microbatches)
-    device = device if device is not None else choose_backend(num_stages)[1](rank)
+    if device is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        device = choose_backend(num_stages)[1](local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
     module = StageModule(plan, rank).to(device)
-    stage = PipelineStage(module, rank, num_stages, device)
+    stage = PipelineStage(module, rank, num_stages, device, group=group)
     make = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
     return DistributedPerceiver(plan, rank, module, stage, make(stage, n_microbatches, loss_fn=loss_fn),
-                                device, loss_fn)
+                                device, loss_fn, group)
 
 
 # --------------------------------------------------------------------------- launching
 
 def free_port() -> int:
+    """A TCP port that was free a moment ago (the OS picks it), for the rendezvous of local runs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 @dataclass
+class PipelineJob:
+    """One run for `run_pipelines`: train `steps` AdamW steps (lr, no weight decay) of `plan` on one
+    batch (inputs (batch, input_len, features) or token ids, targets, optional attention_mask
+    (batch, input_len)), then with `infer` an inference pass. A plan with 1 stage runs the plain
+    `Perceiver` instead (the baseline a pipeline is measured against)."""
+
+    plan: PipelinePlan
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    attention_mask: Optional[torch.Tensor] = None
+    steps: int = 1
+    lr: float = 1e-3
+    infer: bool = False
+
+
+@dataclass
 class PipelineResult:
-    """What `run_pipeline` brings back: one loss per step, the gradients after the first step (name ->
-    tensor, over all stages), the stages' parameter counts and per-microbatch events per stage."""
+    """What a run brings back: one loss per step, the gradients of the first step (name -> tensor, over
+    all stages, names as in `Perceiver`), each stage's parameter count, per-stage lists (one per step)
+    of (kind, microbatch, unix_time) events, the slowest rank's seconds per step, and with `infer`
+    the logits of an inference pass after training."""
 
     losses: List[float]
     grads: Dict[str, torch.Tensor]
     stage_parameters: List[int]
-    events: List[List[tuple]]
+    events: List[List[List[tuple]]]
     seconds_per_step: List[float]
     outputs: Optional[torch.Tensor] = None
 
 
-def _worker(rank: int, plan: PipelinePlan, port: int, inputs: torch.Tensor, targets: torch.Tensor,
-            steps: int, lr: float, threads: int, out_dir: str, infer: bool) -> None:
+def _train_single(job: PipelineJob, device: torch.device) -> dict:
+    """The 1-stage baseline: the plain Perceiver, same optimizer, same record as a pipeline rank."""
+    model = Perceiver(job.plan.config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=0.0)
+    inputs, targets = job.inputs.to(device), job.targets.to(device)
+    mask = None if job.attention_mask is None else job.attention_mask.to(device)
+    losses, grads, seconds = [], {}, []
+    for step in range(job.steps):
+        optimizer.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        loss = default_loss(model(inputs, mask), targets)
+        loss.backward()
+        seconds.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        if step == 0:
+            grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+    outputs = model.eval()(inputs, mask).detach().cpu() if job.infer else None
+    return {"losses": losses, "grads": grads, "events": [], "seconds": seconds,
+            "parameters": model.num_parameters(), "outputs": outputs}
+
+
+def _train_stage(job: PipelineJob, group, device: torch.device) -> dict:
+    plan = job.plan
+    model = get_distributed_model(plan.config, plan.num_stages, split_points=plan.split_points,
+                                  schedule=plan.schedule, n_microbatches=plan.n_microbatches, device=device,
+                                  group=group)
+    # AdamW without weight decay: the same update percnb.train.fit makes with weight_decay=0
+    optimizer = torch.optim.AdamW(model.module.parameters(), lr=job.lr, weight_decay=0.0)
+    inputs = job.inputs if model.is_first else None
+    mask = job.attention_mask if model.is_first else None
+    targets = job.targets if model.is_last else None
+    losses, grads, events, seconds = [], {}, [], []
+    for step in range(job.steps):
+        optimizer.zero_grad(set_to_none=True)
+        dist.barrier(group=group)            # every stage starts the step together: comparable timings
+        start = time.perf_counter()
+        losses.append(model.train_step(inputs, targets, mask))
+        seconds.append(time.perf_counter() - start)
+        events.append(list(model.module.events))
+        if step == 0:
+            grads = {n: p.grad.detach().cpu().clone() for n, p in model.module.named_parameters()
+                     if p.grad is not None}
+        optimizer.step()
+    outputs = model.forward(inputs, mask) if job.infer else None
+    return {"losses": losses, "grads": grads, "events": events, "seconds": seconds,
+            "parameters": sum(p.numel() for p in model.module.parameters()),
+            "outputs": None if outputs is None else outputs.cpu()}
+
+
+def _worker(rank: int, world: int, jobs: List[PipelineJob], port: int, threads: int, out_dir: str) -> None:
+    """One process of `run_pipelines`: runs every job whose stages include this rank, in order."""
     torch.set_num_threads(threads)
-    backend, device_of = choose_backend(plan.num_stages)
+    backend, device_of = choose_backend(world)
+    device = device_of(rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(backend, rank=rank, world_size=plan.num_stages, timeout=INIT_TIMEOUT)
+    init_process_group(backend, device, rank=rank, world_size=world)
     try:
-        model = get_distributed_model(plan.config, plan.num_stages, split_points=plan.split_points,
-                                      schedule=plan.schedule, n_microbatches=plan.n_microbatches,
-                                      device=device_of(rank))
-        # AdamW without weight decay: the same update percnb.train.fit makes with weight_decay=0
-        optimizer = torch.optim.AdamW(model.module.parameters(), lr=lr, weight_decay=0.0)
-        losses, grads, events, seconds = [], {}, [], []
-        for step in range(steps):
-            model.module.reset_events()
-            optimizer.zero_grad(set_to_none=True)
-            dist.barrier()
-            start = time.perf_counter()
-            loss = model.train_step(inputs if model.is_first else None, targets if model.is_last else None)
-            seconds.append(time.perf_counter() - start)
-            losses.append(loss)
-            events.append(list(model.module.events))
-            if step == 0:
-                grads = {n: p.grad.detach().cpu().clone() for n, p in model.module.named_parameters()
-                         if p.grad is not None}
-            optimizer.step()
-        outputs = model.forward(inputs if model.is_first else None) if infer else None
-        torch.save({"losses": losses, "grads": grads, "events": events, "seconds": seconds,
-                    "parameters": sum(p.numel() for p in model.module.parameters()),
-                    "outputs": None if outputs is None else outputs.cpu()}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
+        for j, job in enumerate(jobs):
+            stages = job.plan.num_stages
+            # new_group is collective over the whole world: every rank creates every job's group
+            group = dist.new_group(list(range(stages))) if 1 < stages < world else None
+            if rank < stages:
+                record = _train_single(job, device) if stages == 1 else _train_stage(job, group, device)
+                torch.save(record, os.path.join(out_dir, f"job{j}_rank{rank}.pt"))
+            dist.barrier()                    # idle ranks wait here: jobs never overlap in time
     finally:
         dist.destroy_process_group()
 
 
-def run_pipeline(config: PerceiverConfig, inputs: torch.Tensor, targets: torch.Tensor, num_stages: int = 2, *,
-                 split_points: Optional[Sequence[int]] = None, schedule: str = "1f1b", n_microbatches: int = 4,
-                 steps: int = 1, lr: float = 1e-3, threads: int = 1, infer: bool = False) -> PipelineResult:
-    """Train `steps` AdamW steps (no weight decay) of a `num_stages`-process pipeline on one batch.
+def run_pipelines(jobs: Sequence[PipelineJob], threads: int = 1) -> List[PipelineResult]:
+    """Run several `PipelineJob`s one after another in ONE set of local processes (as many as the
+    largest job has stages; a smaller job uses the first ranks while the others wait).
 
-    Starts one process per stage (torch.multiprocessing, spawn), NCCL on GPUs when there are enough,
-    else gloo on CPU, each with `threads` threads. Settings are checked before any process starts; a
-    worker that raises ends every process and re-raises here (init has a 60 s timeout), so a failure
-    never hangs. Returns a `PipelineResult` (losses, gradients of the first step, timings, and with
-    `infer` the logits of an inference pass after training).
+    Starting processes costs seconds (each imports torch), so tests and benchmarks batch their runs
+    here. Every job is checked before any process starts; NCCL on GPUs when there are enough, else
+    gloo on CPU, `threads` threads per process. A worker that raises ends every process and its
+    error is re-raised here (as torch.multiprocessing.ProcessRaisedException); collectives time out
+    after INIT_TIMEOUT, so a failure never hangs.
     """
     import torch.multiprocessing as mp
-    plan = plan_pipeline(config, num_stages, split_points, schedule, n_microbatches, batch_size=len(inputs))
-    if len(targets) != len(inputs):
-        raise ValueError(f"inputs and targets must have the same batch size, got {len(inputs)} and {len(targets)}")
+    jobs = list(jobs)
+    if not jobs:
+        raise ValueError("jobs is empty: give at least one PipelineJob")
+    for i, job in enumerate(jobs):
+        if not isinstance(job, PipelineJob):
+            raise TypeError(f"jobs[{i}] must be a PipelineJob, got {type(job).__name__}")
+        plan, inputs = job.plan, job.inputs
+        plan_pipeline(plan.config, plan.num_stages, plan.split_points, plan.schedule, plan.n_microbatches,
+                      batch_size=len(inputs))
+        if len(job.targets) != len(inputs):
+            raise ValueError(f"jobs[{i}]: inputs and targets must have the same batch size, "
+                             f"got {len(inputs)} and {len(job.targets)}")
+        if job.attention_mask is not None:
+            _check_mask(job.attention_mask, inputs.shape[0], inputs.shape[1])
+        if isinstance(job.steps, bool) or not isinstance(job.steps, int) or job.steps < 0:
+            raise ValueError(f"jobs[{i}]: steps must be an int >= 0, got {job.steps!r}")
+    world = max(job.plan.num_stages for job in jobs)
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(plan, free_port(), inputs, targets, steps, lr, threads, out_dir, infer),
-                           nprocs=num_stages, join=True, start_method="spawn")
-        parts = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(num_stages)]
-    grads = {name: g for part in parts for name, g in part["grads"].items()}
-    return PipelineResult(losses=parts[-1]["losses"], grads=grads, stage_parameters=[p["parameters"] for p in parts],
-                          events=[p["events"] for p in parts], seconds_per_step=parts[0]["seconds"],
-                          outputs=parts[-1]["outputs"])
+        mp.start_processes(_worker, args=(world, jobs, free_port(), threads, out_dir), nprocs=world, join=True,
+                           start_method="spawn")
+        results = []
+        for j, job in enumerate(jobs):
+            parts = [torch.load(os.path.join(out_dir, f"job{j}_rank{r}.pt"), weights_only=False)
+                     for r in range(job.plan.num_stages)]
+            results.append(PipelineResult(
+                losses=parts[-1]["losses"], grads={n: g for part in parts for n, g in part["grads"].items()},
+                stage_parameters=[p["parameters"] for p in parts], events=[p["events"] for p in parts],
+                seconds_per_step=[max(s) for s in zip(*(p["seconds"] for p in parts))],
+                outputs=parts[-1]["outputs"]))
+    return results
+
+
+def run_pipeline(config: PerceiverConfig, inputs: torch.Tensor, targets: torch.Tensor, num_stages: int = 2, *,
+                 split_points: Optional[Sequence[int]] = None, schedule: str = "1f1b", n_microbatches: int = 4,
+                 steps: int = 1, lr: float = 1e-3, threads: int = 1, infer: bool = False,
+                 attention_mask: Optional[torch.Tensor] = None) -> PipelineResult:
+    """Train `steps` AdamW steps (no weight decay) of a `num_stages`-process pipeline on one batch.
+
+    inputs: (batch, input_len, features) floats or (batch, input_len) token ids; targets: (batch,)
+    class ids (or (batch, output_len) without decoder_reduction); attention_mask: (batch, input_len).
+    Starts one process per stage (torch.multiprocessing, spawn), NCCL on GPUs when there are enough,
+    else gloo on CPU, each with `threads` threads. Settings are checked before any process starts; a
+    worker that raises ends every process and re-raises here, so a failure never hangs. Returns a
+    `PipelineResult`; with `infer`, its outputs are the logits of an inference pass after the
+    training steps (steps=0: of the initial weights).
+    """
+    plan = plan_pipeline(config, num_stages, split_points, schedule, n_microbatches, batch_size=len(inputs))
+    return run_pipelines([PipelineJob(plan, inputs, targets, attention_mask, steps, lr, infer)], threads)[0]
 
 
 def reference_step(config: PerceiverConfig, inputs: torch.Tensor, targets: torch.Tensor,
+                   attention_mask: Optional[torch.Tensor] = None,
                    loss_fn: Callable = default_loss) -> Tuple[float, Dict[str, torch.Tensor]]:
     """Loss and gradients of the single-process Perceiver on the same batch (to check a pipeline)."""
     model = Perceiver(config)
-    mask = torch.ones(inputs.shape[:2])      # the pipeline always carries a mask; use the same one
-    loss = loss_fn(model(inputs, mask), targets)
+    loss = loss_fn(model(inputs, attention_mask), targets)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -389,40 +520,51 @@ def _demo_config(layers: int) -> PerceiverConfig:
                            ffw_output=128, num_heads=4, num_layers=layers, n_classes=10, seed=0)
 
 
+def _run_under_torchrun(config, inputs, targets, args) -> None:
+    world, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    if args.stages not in (None, world):
+        raise ValueError(f"--stages {args.stages} differs from torchrun's {world} processes; one stage per process")
+    plan_pipeline(config, world, None, args.schedule, args.microbatches, batch_size=args.batch)   # before init
+    backend, device_of = choose_backend(world)
+    init_process_group(backend, device_of(local_rank))
+    try:
+        model = get_distributed_model(config, schedule=args.schedule, n_microbatches=args.microbatches,
+                                      device=device_of(local_rank))
+        optimizer = torch.optim.AdamW(model.module.parameters(), lr=args.lr, weight_decay=0.0)
+        for step in range(args.steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = model.train_step(inputs if model.is_first else None, targets if model.is_last else None)
+            optimizer.step()
+            if model.is_last:
+                print(f"step {step}: loss {loss:.4f} ({backend}, {world} stages)", flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m percnb.pipeline",
-        description="Train a small Perceiver on random data with pipeline parallelism and check it against the "
-                    "single-process model. Under torchrun (one process per stage) it uses the launched ranks; "
-                    "run directly, it starts --stages local processes itself.")
-    parser.add_argument("--stages", type=int, default=2, help="pipeline stages (= processes), default 2")
+        description="Train a small Perceiver on random data with pipeline parallelism. Under torchrun "
+                    "(`torchrun --nproc-per-node 2 -m percnb.pipeline`, one stage per process) it uses the "
+                    "launched ranks; run directly, it starts --stages local processes itself and compares the "
+                    "first loss with the single-process model's. NCCL with one GPU per rank when there are at "
+                    "least as many GPUs as stages, else gloo on CPU.")
+    parser.add_argument("--stages", type=int, default=None,
+                        help="pipeline stages (= processes); default 2, or torchrun's world size")
     parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
-    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--microbatches", type=int, default=4, help="microbatches per step (1f1b: >= stages)")
     parser.add_argument("--layers", type=int, default=4, help="latent self-attention layers")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16, help="batch size (divisible by --microbatches)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     args = parser.parse_args(argv)
     config = _demo_config(args.layers)
     g = torch.Generator().manual_seed(0)
     inputs, targets = torch.randn(args.batch, 64, 32, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:      # under torchrun
-        backend, device_of = choose_backend(int(os.environ["WORLD_SIZE"]))
-        dist.init_process_group(backend, timeout=INIT_TIMEOUT)
-        try:
-            model = get_distributed_model(config, split_points=None, schedule=args.schedule,
-                                          n_microbatches=args.microbatches, device=device_of(dist.get_rank()))
-            optimizer = torch.optim.AdamW(model.module.parameters(), lr=args.lr, weight_decay=0.0)
-            for step in range(args.steps):
-                optimizer.zero_grad(set_to_none=True)
-                loss = model.train_step(inputs if model.is_first else None, targets if model.is_last else None)
-                optimizer.step()
-                if model.is_last:
-                    print(f"step {step}: loss {loss:.4f}", flush=True)
-        finally:
-            dist.destroy_process_group()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        _run_under_torchrun(config, inputs, targets, args)
         return
-    result = run_pipeline(config, inputs, targets, args.stages, schedule=args.schedule,
+    result = run_pipeline(config, inputs, targets, args.stages or 2, schedule=args.schedule,
                           n_microbatches=args.microbatches, steps=args.steps, lr=args.lr)
     loss, _ = reference_step(config, inputs, targets)
     for step, value in enumerate(result.losses):

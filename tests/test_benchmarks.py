@@ -10,4 +10,7 @@ def test_pipeline_bubbles_smoke():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pipeline_bubbles.py"), "--tiny",
                           "--microbatches", "1", "2", "--steps", "1"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "1 stage:" in out.stdout and out.stdout.count("x ") >= 2
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert [row[0] for row in rows] == ["1", "2"], out.stdout
+    for m, row in zip((1, 2), rows):       # speedup and the ideal 2m/(m+1) beside it
+        assert row[3].endswith("x") and row[4] == f"{2 * m / (m + 1):.2f}x", row

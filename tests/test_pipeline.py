@@ -1,14 +1,20 @@
-"""Pipeline parallelism on CPU processes (gloo): exact against the single-process Perceiver."""
+"""Pipeline parallelism on CPU processes (gloo): exact against the single-process Perceiver.
+
+Starting processes costs seconds each (every one imports torch), so all the runs that succeed share
+ONE launch of 3 processes (`run_pipelines`, module fixture); only the failure test launches again.
+"""
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from percnb.config import PerceiverConfig
-from percnb.pipeline import (StageModule, balanced_split, choose_backend, module_parameter_counts, plan_pipeline,
-                             reference_step, run_pipeline)
+from percnb.models import Perceiver
+from percnb.pipeline import (INIT_TIMEOUT, PipelineJob, StageModule, balanced_split, choose_backend,
+                             module_parameter_counts, plan_pipeline, reference_step, run_pipeline, run_pipelines)
 
 RELATIVE = 1e-5  # fp32 sums in another order across microbatches: rounding only
 
@@ -24,12 +30,52 @@ def batch(n=8):
     return torch.randn(n, 16, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_pipeline_loss_and_gradients_equal_single_process(stages, schedule):
+def padding_mask(n=8):
+    """Sample i attends to its first 16 - i positions: every row differs, none is empty."""
+    return torch.arange(16).expand(n, 16) < (16 - torch.arange(n)).unsqueeze(1)
+
+
+# name -> (config, stages, split_points, schedule, microbatches, uses the padding mask)
+CASES = {
+    "2 stages gpipe": (config(), 2, None, "gpipe", 4, False),
+    "2 stages 1f1b": (config(), 2, None, "1f1b", 4, False),
+    "3 stages gpipe": (config(), 3, None, "gpipe", 4, False),
+    "3 stages 1f1b": (config(), 3, None, "1f1b", 4, False),
+    # a cut right after the embeddings carries (inputs, mask, latents, queries); a padding mask must survive it
+    "3 stages cut after embeddings, masked": (config(), 3, [0, 1, 4], "1f1b", 4, True),
+    # the paper's pooling decoder has no queries: boundaries carry the latents alone
+    "2 stages latent_pool": (config(decoder_type="latent_pool"), 2, None, "gpipe", 2, False),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The workers use one thread each; so does the reference (tiny ops on a busy 2-core machine are
+    much slower with two spinning OpenMP threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs():
     inputs, targets = batch()
-    result = run_pipeline(config(), inputs, targets, stages, schedule=schedule, n_microbatches=4)
-    loss, grads = reference_step(config(), inputs, targets)
+    jobs = [PipelineJob(plan_pipeline(cfg, stages, split, schedule, m), inputs, targets,
+                        padding_mask() if masked else None, steps=1)
+            for cfg, stages, split, schedule, m, masked in CASES.values()]
+    jobs.append(PipelineJob(plan_pipeline(config(), 2, schedule="gpipe", n_microbatches=2), inputs, targets,
+                            steps=0, infer=True))
+    results = run_pipelines(jobs)
+    return dict(zip([*CASES, "inference"], results))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pipeline_loss_and_gradients_equal_single_process(runs, case):
+    cfg, *_, masked = CASES[case]
+    inputs, targets = batch()
+    loss, grads = reference_step(cfg, inputs, targets, padding_mask() if masked else None)
+    result = runs[case]
     assert result.losses[0] == pytest.approx(loss, rel=RELATIVE)
     assert set(result.grads) == set(grads)
     for name, grad in grads.items():
@@ -37,25 +83,41 @@ def test_pipeline_loss_and_gradients_equal_single_process(stages, schedule):
         assert gap < RELATIVE, (name, gap.item())
 
 
-def test_each_rank_builds_about_its_share_of_parameters():
-    plan = plan_pipeline(config(num_layers=6), 2)
-    sizes = [sum(p.numel() for p in StageModule(plan, s).parameters()) for s in range(2)]
-    total = sum(module_parameter_counts(config(num_layers=6)))
+def test_inference_forward_returns_the_models_logits(runs):
+    inputs, _ = batch()
+    expected = Perceiver(config()).eval()(inputs)
+    torch.testing.assert_close(runs["inference"].outputs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_timeline_events_cover_every_microbatch(runs):
+    events = runs["3 stages 1f1b"].events
+    assert len(events) == 3                                     # one list per stage ...
+    for stage in events:
+        (step,) = stage                                         # ... of one list per step
+        kinds = {(kind, mb) for kind, mb, _ in step}
+        for kind in ("forward_start", "forward_end", "backward_start", "backward_end"):
+            assert {mb for k, mb in kinds if k == kind} == {0, 1, 2, 3}, kind
+        times = {(kind, mb): t for kind, mb, t in step}
+        assert all(times[("forward_start", mb)] <= times[("forward_end", mb)] <= times[("backward_start", mb)]
+                   <= times[("backward_end", mb)] for mb in range(4))
+
+
+def test_each_rank_builds_about_its_share_of_parameters(runs):
+    counts = runs["2 stages 1f1b"].stage_parameters
+    total = Perceiver(config()).num_parameters()
+    assert sum(counts) == total
+    plan = plan_pipeline(config(num_layers=6), 3)
+    sizes = [sum(p.numel() for p in StageModule(plan, s).parameters()) for s in range(3)]
+    total = Perceiver(config(num_layers=6)).num_parameters()
     assert sum(sizes) == total
-    assert all(abs(size - total / 2) < 0.2 * total for size in sizes), sizes
+    assert all(abs(size - total / 3) < 0.1 * total for size in sizes), sizes
 
 
 def test_balanced_split_minimises_the_largest_stage():
     assert balanced_split([1, 10, 10, 10, 10, 1], 2) == [0, 3]
     assert balanced_split([5, 5, 5], 3) == [0, 1, 2]
-
-
-def test_inference_forward_returns_the_models_logits():
-    from percnb.models import Perceiver
-    inputs, targets = batch()
-    result = run_pipeline(config(), inputs, targets, 2, n_microbatches=2, infer=True)
-    expected = Perceiver(config()).eval()(inputs, torch.ones(8, 16))
-    assert torch.allclose(result.outputs, expected, atol=1e-5)
+    assert module_parameter_counts(config()) == [sum(p.numel() for p in m.parameters())
+                                                 for m in Perceiver(config()).model]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -75,19 +137,30 @@ def test_shared_weights_must_stay_in_one_stage():
         plan_pipeline(config(share_weights=True), 2, split_points=[0, 3])
 
 
-def test_run_pipeline_checks_batch_before_starting():
-    inputs, targets = batch(10)
-    start = time.perf_counter()
-    with pytest.raises(ValueError, match="not divisible"):
-        run_pipeline(config(), inputs, targets, 2, n_microbatches=4)
-    assert time.perf_counter() - start < 5       # no process was started (generous bound)
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_microbatches=3), "batch size 8 is not divisible by n_microbatches=3"),
+    (dict(num_stages=9), "more than the model's 6 modules"),
+    (dict(schedule="interleaved"), "schedule must be one of"),
+    (dict(num_stages=3, n_microbatches=2), "needs n_microbatches >= num_stages"),
+    (dict(attention_mask=torch.ones(8, 15)), r"attention_mask must have shape \(batch, input_len\)"),
+])
+def test_run_pipeline_checks_settings_before_starting(monkeypatch, kwargs, message):
+    def no_processes(*args, **kw):
+        raise AssertionError("a process was started")
+    monkeypatch.setattr(mp, "start_processes", no_processes)
+    inputs, targets = batch()
+    with pytest.raises(ValueError, match=message):
+        run_pipeline(config(), inputs, targets, **{"num_stages": 2, **kwargs})
 
 
 def test_a_failing_worker_ends_the_run_with_its_error():
     inputs, targets = batch()
     targets[0] = 99                               # the last stage's loss raises on an out-of-range class
-    with pytest.raises(Exception, match="out of bounds|Target 99"):
+    start = time.perf_counter()
+    with pytest.raises(mp.ProcessRaisedException, match="out of bounds|Target 99"):
         run_pipeline(config(), inputs, targets, 2, n_microbatches=2)
+    # the first stage was waiting for a gradient: it was stopped, not left to time out
+    assert time.perf_counter() - start < INIT_TIMEOUT.total_seconds()
 
 
 def test_backend_choice(monkeypatch):
@@ -95,9 +168,23 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     backend, device_of = choose_backend(2)
     assert backend == "nccl" and device_of(1) == torch.device("cuda", 1)
+    assert choose_backend(4)[0] == "nccl"
+    assert choose_backend(5)[0] == "gloo"                       # fewer GPUs than stages: all on CPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     backend, device_of = choose_backend(2)
     assert backend == "gloo" and device_of(1) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_backend(1)[0] == "gloo"
+
+
+def test_nccl_binds_each_process_to_its_gpu_before_init(monkeypatch):
+    from percnb import pipeline
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(pipeline.dist, "init_process_group",
+                        lambda backend, **kw: calls.append(("init", backend, kw["device_id"], kw["timeout"])))
+    pipeline.init_process_group("nccl", torch.device("cuda", 1), rank=1, world_size=2)
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl", torch.device("cuda", 1), INIT_TIMEOUT)]
 
 
 def test_command_line_help():
