@@ -59,3 +59,12 @@ def test_random_shift_moves_images_by_at_most_one_pixel():
 def test_random_shift_with_p_zero_is_identity():
     images = torch.rand(5, 1, 8, 8)
     assert torch.equal(RandomShift(p=0.0)([images, None])[0], images)
+
+
+def test_random_shift_fills_vacated_pixels_with_the_background():
+    torch.manual_seed(0)
+    images = torch.full((32, 1, 8, 8), -0.5)                  # a standardised, empty background
+    shifted, _ = RandomShift(max_shift=1, p=1.0, fill=-0.5)([images, None])
+    assert torch.all(shifted == -0.5)
+    shifted, _ = RandomShift(max_shift=1, p=1.0)([images, None])
+    assert torch.any(shifted == 0.0)                          # the default fill is 0: raw [0, 1] images
