@@ -159,7 +159,8 @@ class StageModule(nn.Module):
     forward(*tensors): the first stage takes (input_array, mask (batch, input_len) bool); a later
     stage takes what the previous one returned. The last stage returns the logits. Each call
     appends (kind, microbatch, unix_time) to `events` for kinds forward_start, forward_end,
-    backward_start and backward_end (the backward ones when autograd runs through the stage).
+    backward_start and backward_end (the backward ones when autograd runs through the stage). On a
+    GPU these are the times the work was queued, not finished: CUDA runs asynchronously.
     """
 
     def __init__(self, plan: PipelinePlan, stage: int):
@@ -221,6 +222,41 @@ class StageModule(nn.Module):
         if extra > 0:
             self.events = [(kind, mb - extra, t) for kind, mb, t in self.events if mb >= extra]
             self._mb = n_microbatches
+
+
+def microbatches_in_flight(events: Sequence[tuple]) -> int:
+    """Most microbatches whose forward had ended and whose backward had not, at any moment of one
+    stage's step: how many microbatches' activations the stage held at once (GPipe: all of them;
+    1F1B: at most the stages from this one to the last).
+
+    events: one stage's (kind, microbatch, unix_time) list for one step, as in `PipelineResult.events`.
+    """
+    changes = sorted((t, +1 if kind == "forward_end" else -1) for kind, _, t in events
+                     if kind in ("forward_end", "backward_end"))
+    alive = most = 0
+    for _, change in changes:
+        alive += change
+        most = max(most, alive)
+    return most
+
+
+def idle_fractions(step_events: Sequence[Sequence[tuple]]) -> List[float]:
+    """Each stage's idle share of one step: 1 - (time inside its forward and backward boxes) / (the
+    step's span, from the first event on any stage to the last). This is the measured bubble (plus
+    communication and scheduling overhead); the ideal for equal stages is (p - 1) / (m + p - 1).
+
+    step_events: one (kind, microbatch, unix_time) list per stage for the same step, e.g.
+    `[stage[-1] for stage in result.events]`.
+    """
+    times = [t for stage in step_events for _, _, t in stage]
+    span = max(times) - min(times)
+    shares = []
+    for stage in step_events:
+        marks = {(kind, mb): t for kind, mb, t in stage}
+        busy = sum(marks[(phase + "_end", mb)] - t for (kind, mb), t in marks.items() if kind.endswith("_start")
+                   for phase in [kind[:-len("_start")]] if (phase + "_end", mb) in marks)
+        shares.append(1 - busy / span)
+    return shares
 
 
 def default_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,9 @@ import torch.multiprocessing as mp
 
 from percnb.config import PerceiverConfig
 from percnb.models import Perceiver
-from percnb.pipeline import (INIT_TIMEOUT, PipelineJob, StageModule, balanced_split, choose_backend,
-                             module_parameter_counts, plan_pipeline, reference_step, run_pipeline, run_pipelines)
+from percnb.pipeline import (INIT_TIMEOUT, PipelineJob, StageModule, balanced_split, choose_backend, idle_fractions,
+                             microbatches_in_flight, module_parameter_counts, plan_pipeline, reference_step,
+                             run_pipeline, run_pipelines)
 
 RELATIVE = 1e-5  # fp32 sums in another order across microbatches: rounding only
 
@@ -100,6 +101,22 @@ def test_timeline_events_cover_every_microbatch(runs):
         times = {(kind, mb): t for kind, mb, t in step}
         assert all(times[("forward_start", mb)] <= times[("forward_end", mb)] <= times[("backward_start", mb)]
                    <= times[("backward_end", mb)] for mb in range(4))
+
+
+def test_gpipe_holds_every_microbatch_and_1f1b_at_most_the_stages_ahead(runs):
+    gpipe = [microbatches_in_flight(stage[0]) for stage in runs["3 stages gpipe"].events]
+    one_f_one_b = [microbatches_in_flight(stage[0]) for stage in runs["3 stages 1f1b"].events]
+    assert gpipe == [4, 4, 4]
+    assert all(1 <= alive <= 3 - s for s, alive in enumerate(one_f_one_b)), one_f_one_b
+
+
+def test_idle_fractions_from_a_constructed_timeline():
+    # stage 0 busy 0-1 and 2-3, stage 1 busy 1-2 and 3-4: each idle half of a 4-unit step
+    kinds = ("forward_start", "forward_end", "backward_start", "backward_end")
+    events = [[(kind, 0, t) for kind, t in zip(kinds, (0.0, 1.0, 2.0, 3.0))],
+              [(kind, 0, t) for kind, t in zip(kinds, (1.0, 2.0, 3.0, 4.0))]]
+    assert idle_fractions(events) == pytest.approx([0.5, 0.5])
+    assert microbatches_in_flight(events[0]) == 1
 
 
 def test_each_rank_builds_about_its_share_of_parameters(runs):
