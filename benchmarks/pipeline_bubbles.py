@@ -7,7 +7,8 @@ With p stages and m microbatches a pipeline is busy m of every m + p - 1 time sl
 speedup over one stage is p * m / (m + p - 1). "1 stage" is the plain single-process Perceiver on the
 whole batch; "2 stages" is percnb.pipeline (gloo, 1F1B; GPipe at m=1, where 1F1B needs m >= p).
 Everything runs in ONE launch of 2 processes, and each 2-stage setting is timed right after its own
-1-stage run, so that a machine whose load changes affects both sides of a ratio alike.
+1-stage run, so that a machine whose load changes affects both sides of a ratio alike; with
+--rounds R the whole sweep repeats R times and each speedup is the median of its R ratios.
 """
 import argparse
 import os
@@ -41,36 +42,37 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny model and batch: a smoke run, not a measurement")
     parser.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per setting (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up step)")
+    parser.add_argument("--rounds", type=int, default=2, help="repetitions of the sweep (median ratio)")
     args = parser.parse_args()
     config, inputs, targets = build(args.tiny)
+    one_stage = plan_pipeline(config, 1, schedule="gpipe", n_microbatches=1)
     jobs = []
-    for m in args.microbatches:
-        jobs.append(PipelineJob(plan_pipeline(config, 1, schedule="gpipe", n_microbatches=1), inputs, targets,
-                                steps=args.steps + 1))
-        schedule = "1f1b" if m >= 2 else "gpipe"
-        jobs.append(PipelineJob(plan_pipeline(config, 2, schedule=schedule, n_microbatches=m, batch_size=len(inputs)),
-                                inputs, targets, steps=args.steps + 1))
+    for _ in range(args.rounds):
+        for m in args.microbatches:
+            two_stages = plan_pipeline(config, 2, schedule="1f1b" if m >= 2 else "gpipe", n_microbatches=m,
+                                       batch_size=len(inputs))
+            jobs += [PipelineJob(plan, inputs, targets, steps=args.steps + 1) for plan in (one_stage, two_stages)]
     load_before = os.getloadavg()[0]
     results = run_pipelines(jobs, threads=1)
     print(f"model: {config.num_layers} latent layers, D={config.latent_dim}, {config.latent_len} latents, "
           f"{config.input_len} inputs, batch {len(inputs)}; 1 thread per process; "
-          f"split {results[1].stage_parameters} parameters")
-    print(f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
+          f"stages of {results[1].stage_parameters} parameters; {args.rounds} round(s) of {args.steps} steps")
+    print(f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"{'microbatches':>12} {'1-stage s/step':>15} {'2-stage s/step':>15} {'speedup':>8} {'ideal':>6} "
           f"{'of ideal':>9}")
+    seconds = [statistics.median(result.seconds_per_step[1:]) for result in results]   # step 0 warms up
     speedups = {}
     for i, m in enumerate(args.microbatches):
-        one = statistics.median(results[2 * i].seconds_per_step[1:])       # step 0 is the warm-up
-        two = statistics.median(results[2 * i + 1].seconds_per_step[1:])
+        pairs = [(seconds[2 * j], seconds[2 * j + 1]) for j in range(i, len(jobs) // 2, len(args.microbatches))]
+        one, two = (statistics.median(side) for side in zip(*pairs))
+        speedups[m] = statistics.median(a / b for a, b in pairs)
         ideal = 2 * m / (m + 1)
-        speedups[m] = one / two
         print(f"{m:>12} {one:>15.3f} {two:>15.3f} {speedups[m]:>7.2f}x {ideal:>5.2f}x {speedups[m] / ideal:>8.0%}")
     if 8 in speedups:
         verdict = "meets" if speedups[8] >= TARGET else "misses"
         print(f"2 stages at 8 microbatches: {speedups[8]:.2f}x the 1-stage throughput "
               f"({verdict} the {TARGET}x target; ideal 1.78x)")
-
 
 if __name__ == "__main__":
     main()

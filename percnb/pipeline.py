@@ -358,9 +358,10 @@ def get_distributed_model(config: PerceiverConfig, num_stages: Optional[int] = N
     if num_stages != world:
         raise ValueError(f"num_stages={num_stages} must equal the process group's size {world} (one stage per rank)")
     plan = plan_pipeline(config, num_stages, split_points, schedule, n_microbatches)
-    if device is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        device = choose_backend(num_stages)[1](local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if device is None and dist.get_backend() == "nccl":     # this process's GPU (torchrun sets LOCAL_RANK)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    elif device is None:
+        device = torch.device("cpu")
     module = StageModule(plan, rank).to(device)
     stage = PipelineStage(module, rank, num_stages, device, group=group)
     make = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
@@ -558,9 +559,6 @@ def _demo_config(layers: int) -> PerceiverConfig:
 
 def _run_under_torchrun(config, inputs, targets, args) -> None:
     world, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
-    if args.stages not in (None, world):
-        raise ValueError(f"--stages {args.stages} differs from torchrun's {world} processes; one stage per process")
-    plan_pipeline(config, world, None, args.schedule, args.microbatches, batch_size=args.batch)   # before init
     backend, device_of = choose_backend(world)
     init_process_group(backend, device_of(local_rank))
     try:
@@ -597,10 +595,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     config = _demo_config(args.layers)
     g = torch.Generator().manual_seed(0)
     inputs, targets = torch.randn(args.batch, 64, 32, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    stages = int(os.environ["WORLD_SIZE"]) if torchrun else (args.stages or 2)
+    try:   # bad settings end here, with a usage message, before any process group or process starts
+        if torchrun and args.stages not in (None, stages):
+            raise ValueError(f"--stages {args.stages} differs from torchrun's {stages} processes (one stage each)")
+        plan_pipeline(config, stages, None, args.schedule, args.microbatches, batch_size=args.batch)
+    except ValueError as error:
+        parser.error(str(error))
+    if torchrun:
         _run_under_torchrun(config, inputs, targets, args)
         return
-    result = run_pipeline(config, inputs, targets, args.stages or 2, schedule=args.schedule,
+    result = run_pipeline(config, inputs, targets, stages, schedule=args.schedule,
                           n_microbatches=args.microbatches, steps=args.steps, lr=args.lr)
     loss, _ = reference_step(config, inputs, targets)
     for step, value in enumerate(result.losses):

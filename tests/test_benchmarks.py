@@ -7,8 +7,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pipeline_bubbles_smoke():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pipeline_bubbles.py"), "--tiny",
-                          "--microbatches", "1", "2", "--steps", "1"], capture_output=True, text=True, timeout=300)
+    args = ["--tiny", "--microbatches", "1", "2", "--steps", "1", "--rounds", "1"]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pipeline_bubbles.py"), *args],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])]
     assert [row[0] for row in rows] == ["1", "2"], out.stdout

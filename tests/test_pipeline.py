@@ -208,3 +208,9 @@ def test_command_line_help():
     out = subprocess.run([sys.executable, "-m", "percnb.pipeline", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "--schedule" in out.stdout and "torchrun" in out.stdout
+
+
+def test_command_line_rejects_bad_settings_before_starting():
+    out = subprocess.run([sys.executable, "-m", "percnb.pipeline", "--stages", "3", "--microbatches", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "needs n_microbatches >= num_stages" in out.stderr, out.stderr[-1000:]
