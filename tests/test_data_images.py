@@ -68,3 +68,12 @@ def test_random_shift_fills_vacated_pixels_with_the_background():
     assert torch.all(shifted == -0.5)
     shifted, _ = RandomShift(max_shift=1, p=1.0)([images, None])
     assert torch.any(shifted == 0.0)                          # the default fill is 0: raw [0, 1] images
+
+
+def test_standardized_uses_training_statistics_only():
+    raw = load_digits_splits(seed=0)
+    data = raw.standardized()
+    assert abs(float(data.train[0].mean())) < 1e-5 and abs(float(data.train[0].std()) - 1) < 1e-5
+    assert torch.allclose(data.test[0] * data.pixel_std + data.pixel_mean, raw.test[0], atol=1e-6)
+    assert float(data.train[0].min()) == pytest.approx(data.background)      # black pixels
+    assert torch.equal(data.val[1], raw.val[1]) and raw.background == 0.0
