@@ -398,14 +398,16 @@ class PipelineJob:
 class PipelineResult:
     """What a run brings back: one loss per step, the gradients of the first step (name -> tensor, over
     all stages, names as in `Perceiver`), each stage's parameter count, per-stage lists (one per step)
-    of (kind, microbatch, unix_time) events, the slowest rank's seconds per step, and with `infer`
-    the logits of an inference pass after training."""
+    of (kind, microbatch, unix_time) events, the slowest rank's seconds per step, the CPU seconds all
+    ranks used per step (over seconds_per_step: how many cores the run got), and with `infer` the
+    logits of an inference pass after training."""
 
     losses: List[float]
     grads: Dict[str, torch.Tensor]
     stage_parameters: List[int]
     events: List[List[List[tuple]]]
     seconds_per_step: List[float]
+    cpu_seconds_per_step: List[float]
     outputs: Optional[torch.Tensor] = None
 
 
@@ -415,19 +417,20 @@ def _train_single(job: PipelineJob, device: torch.device) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=0.0)
     inputs, targets = job.inputs.to(device), job.targets.to(device)
     mask = None if job.attention_mask is None else job.attention_mask.to(device)
-    losses, grads, seconds = [], {}, []
+    losses, grads, seconds, cpu = [], {}, [], []
     for step in range(job.steps):
         optimizer.zero_grad(set_to_none=True)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = default_loss(model(inputs, mask), targets)
         loss.backward()
         seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         losses.append(loss.item())
         if step == 0:
             grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
     outputs = model.eval()(inputs, mask).detach().cpu() if job.infer else None
-    return {"losses": losses, "grads": grads, "events": [], "seconds": seconds,
+    return {"losses": losses, "grads": grads, "events": [], "seconds": seconds, "cpu": cpu,
             "parameters": model.num_parameters(), "outputs": outputs}
 
 
@@ -441,20 +444,21 @@ def _train_stage(job: PipelineJob, group, device: torch.device) -> dict:
     inputs = job.inputs if model.is_first else None
     mask = job.attention_mask if model.is_first else None
     targets = job.targets if model.is_last else None
-    losses, grads, events, seconds = [], {}, [], []
+    losses, grads, events, seconds, cpu = [], {}, [], [], []
     for step in range(job.steps):
         optimizer.zero_grad(set_to_none=True)
         dist.barrier(group=group)            # every stage starts the step together: comparable timings
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(model.train_step(inputs, targets, mask))
         seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         events.append(list(model.module.events))
         if step == 0:
             grads = {n: p.grad.detach().cpu().clone() for n, p in model.module.named_parameters()
                      if p.grad is not None}
         optimizer.step()
     outputs = model.forward(inputs, mask) if job.infer else None
-    return {"losses": losses, "grads": grads, "events": events, "seconds": seconds,
+    return {"losses": losses, "grads": grads, "events": events, "seconds": seconds, "cpu": cpu,
             "parameters": sum(p.numel() for p in model.module.parameters()),
             "outputs": None if outputs is None else outputs.cpu()}
 
@@ -518,6 +522,7 @@ def run_pipelines(jobs: Sequence[PipelineJob], threads: int = 1) -> List[Pipelin
                 losses=parts[-1]["losses"], grads={n: g for part in parts for n, g in part["grads"].items()},
                 stage_parameters=[p["parameters"] for p in parts], events=[p["events"] for p in parts],
                 seconds_per_step=[max(s) for s in zip(*(p["seconds"] for p in parts))],
+                cpu_seconds_per_step=[sum(s) for s in zip(*(p["cpu"] for p in parts))],
                 outputs=parts[-1]["outputs"]))
     return results
 
