@@ -52,6 +52,17 @@ class PerceiverConfig:
     `decoder_type`: "attention" (Perceiver IO: output queries cross-attend to the latents) or
     "latent_pool" (Perceiver paper, perceiver-pytorch: pool the latents with decoder_reduction,
     LayerNorm, project; output_len, output_dim and ffw_output are then unused).
+    `latents_from_inputs` (False): each latent starts as its learned vector plus the mean of the
+    embedded inputs in its own window of input_len / latent_len consecutive positions, so that every
+    latent holds local content before the first cross-attention (Perceiver AR seeds its latents from
+    inputs too). It ties latents to input order, so it needs input_len divisible by latent_len and
+    input_dim == latent_dim. `token_init_std` (None: the scale of the position codes the tokens are
+    added to, pos_init_std for a trainable table, 1/sqrt(2), its RMS, for the sinusoid one, 1 without
+    positions). `queries_from_latents` (False) is the decoder-side twin of latents_from_inputs: the output query
+    at position p also carries, in its residual, the latent of p's window (p // (output_len / latent_len)),
+    so each output starts from the processed content of its own neighbourhood, as the up-sampling of
+    a Funnel Transformer does; it needs output_len divisible by latent_len, output_dim == latent_dim
+    and decoder_residual=True. Notebook 04 measures what each buys a byte-level masked language model.
     """
 
     input_len: int = 64
@@ -82,6 +93,9 @@ class PerceiverConfig:
     fourier_bands: int = 6
     max_resolution: Optional[Tuple[int, ...]] = None
     decoder_type: str = "attention"
+    latents_from_inputs: bool = False
+    queries_from_latents: bool = False
+    token_init_std: Optional[float] = None
 
     def __post_init__(self) -> None:
         # JSON gives lists; the config keeps tuples so equal configs compare equal.
@@ -104,11 +118,14 @@ class PerceiverConfig:
         if self.decoder_type == "latent_pool" and self.decoder_reduction in (None, "eot"):
             raise ValueError(f"decoder_type='latent_pool' pools the latents, so decoder_reduction must be one of "
                              f"('mean', 'max', 'sum', 'first', 'last'), got {self.decoder_reduction!r}")
-        for name in ("decoder_residual", "decoder_projection", "share_weights"):
+        for name in ("decoder_residual", "decoder_projection", "share_weights", "latents_from_inputs",
+                     "queries_from_latents"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("pos_init_std", "latent_init_std"):
+        for name in ("pos_init_std", "latent_init_std", "token_init_std"):
             value = getattr(self, name)
+            if name == "token_init_std" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
@@ -116,6 +133,27 @@ class PerceiverConfig:
         _check_divisible("latent_dim", self.latent_dim, "num_heads", self.num_heads)
         _check_divisible("latent_dim", self.latent_dim, "cross_heads", self.cross_heads)
         _check_divisible("output_dim", self.output_dim, "cross_heads", self.cross_heads)
+        if self.latents_from_inputs:
+            if self.input_len % self.latent_len:
+                raise ValueError(f"latents_from_inputs gives each latent a window of input_len / latent_len inputs, so "
+                                 f"input_len={self.input_len} must be divisible by latent_len={self.latent_len}")
+            if self.input_dim != self.latent_dim:
+                raise ValueError(f"latents_from_inputs adds mean input embeddings to the latents, so input_dim="
+                                 f"{self.input_dim} must equal latent_dim={self.latent_dim}")
+        if self.queries_from_latents:
+            if self.decoder_type != "attention" or not self.decoder_residual:
+                raise ValueError("queries_from_latents adds each query's window latent to the query's residual, so it "
+                                 f"needs decoder_type='attention' and decoder_residual=True, got decoder_type="
+                                 f"{self.decoder_type!r}, decoder_residual={self.decoder_residual}")
+            if self.output_len % self.latent_len:
+                raise ValueError(f"queries_from_latents gives each latent a window of output_len / latent_len queries, so "
+                                 f"output_len={self.output_len} must be divisible by latent_len={self.latent_len}")
+            if self.output_dim != self.latent_dim:
+                raise ValueError(f"queries_from_latents adds latents to the queries, so output_dim={self.output_dim} "
+                                 f"must equal latent_dim={self.latent_dim}")
+            if self.decoder_reduction == "eot":
+                raise ValueError("queries_from_latents needs each query's position; decoder_reduction='eot' keeps "
+                                 "one query per sample, so use another reduction or None")
         if self.input_type == "tokens":
             if self.input_num_tokens is None:
                 raise ValueError("input_type='tokens' needs input_num_tokens (the vocabulary size), got None")

@@ -30,7 +30,7 @@ from .encodings import build_position_encoding
 __all__ = [
     "PerceiverConfig", "build_position_encoding", "attention", "Block", "Embeddings", "EncoderBlock",
     "ProcessorBlock", "DecoderBlock", "get_sequential_from_config", "Perceiver", "PerceiverImage",
-    "PerceiverMLM", "get_distributed_model",
+    "PerceiverMLM", "image_config", "mlm_config", "get_distributed_model",
 ]
 
 Attentions = Optional[List[torch.Tensor]]
@@ -77,6 +77,17 @@ def _check_mask(attention_mask: torch.Tensor, batch: int, length: int) -> torch.
         bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[:3].tolist()
         raise ValueError(f"attention_mask must hold only 0/1 (or bools; 1 = attend), found values such as {bad}")
     return attention_mask != 0
+
+
+def _window_means(x: torch.Tensor, attention_mask: Optional[torch.Tensor], windows: int) -> torch.Tensor:
+    """(batch, length, dim) -> (batch, windows, dim): the mean of each run of length / windows positions,
+    over unmasked positions only (a window with none gives zeros, so masked inputs never leak in)."""
+    batch, length, dim = x.shape
+    if attention_mask is None:
+        return x.view(batch, windows, length // windows, dim).mean(2)
+    keep = attention_mask.view(batch, windows, length // windows, 1)
+    total = torch.where(keep, x.view(batch, windows, length // windows, dim), 0.0).sum(2)
+    return total / keep.sum(2).clamp(min=1).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- attention
@@ -194,7 +205,11 @@ class Embeddings(nn.Module):
         self.pos_emb = self.fourier = None
         if c.input_type == "tokens":
             self.token_embedding = nn.Embedding(c.input_num_tokens, c.input_dim)
-            nn.init.normal_(self.token_embedding.weight, std=c.pos_init_std)
+            # Tokens start on the scale of the position codes added to them: a fixed sinusoid table has
+            # RMS 1/sqrt(2), and tokens 35x smaller than that are a faint signal next to it (a byte MLM
+            # sat on the unigram plateau longer: notebook 04).
+            std = c.token_init_std or {"trainable": c.pos_init_std, "sinusoid": 0.5 ** 0.5}.get(c.pos_encoding, 1.0)
+            nn.init.normal_(self.token_embedding.weight, std=std)
             self.in_features = None
         else:
             self.in_features = c.input_channels or c.input_dim
@@ -287,6 +302,8 @@ class Embeddings(nn.Module):
                 last = length - 1 - attention_mask.flip(-1).long().argmax(-1)
             queries = queries.gather(1, last.view(batch, 1, 1).expand(batch, 1, queries.shape[2]))
         latents = self.latent_array.expand(batch, -1, -1)
+        if c.latents_from_inputs:
+            latents = latents + _window_means(x, attention_mask, c.latent_len)
         return x, attention_mask, latents, queries
 
 
@@ -339,7 +356,9 @@ class DecoderBlock(nn.Module):
     (batch, output_len, n_classes) without (output_dim instead of n_classes when
     decoder_projection is False). The reduction pools the decoded queries before the projection.
     With decoder_type='latent_pool' there is no cross-attention: the latents themselves are pooled,
-    normalised and projected (the Perceiver paper's classifier).
+    normalised and projected (the Perceiver paper's classifier). With config.queries_from_latents, the
+    query for position p first gets the latent of p's window added; `query_positions` (batch, queries)
+    says which positions the queries stand for (default: all output_len of them, in order).
     """
 
     def __init__(self, config: PerceiverConfig):
@@ -354,10 +373,21 @@ class DecoderBlock(nn.Module):
             width = c.latent_dim
         self.projection = nn.Linear(width, c.n_classes) if c.decoder_projection else None
 
-    def forward(self, *inputs) -> Tuple[torch.Tensor, Attentions]:
+    def forward(self, *inputs, query_positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Attentions]:
         latent_array, output_array, attentions = _unpack(
             inputs, ("latent_array", "output_array", "attentions"), "DecoderBlock")
-        if self.config.decoder_type == "attention":
+        c = self.config
+        if c.queries_from_latents:
+            window = c.output_len // c.latent_len
+            if query_positions is None:
+                if output_array.shape[1] != c.output_len:
+                    raise ValueError(f"queries_from_latents needs the positions of {output_array.shape[1]} custom "
+                                     f"queries (query_positions); without them there must be output_len={c.output_len}")
+                output_array = output_array + latent_array.repeat_interleave(window, dim=1)
+            else:
+                index = (query_positions // window)[..., None].expand(-1, -1, latent_array.shape[-1])
+                output_array = output_array + latent_array.gather(1, index)
+        if c.decoder_type == "attention":
             out, weights = self.block(latent_array, output_array, None, attentions is not None)
             attentions = None if attentions is None else attentions + [weights]
         else:
@@ -441,14 +471,18 @@ class Perceiver(nn.Module):
     def forward(self, input_array: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 output_array: Optional[torch.Tensor] = None, return_attentions: bool = False
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+        return self._run(input_array, attention_mask, output_array, return_attentions)
+
+    def _run(self, input_array, attention_mask, output_array, return_attentions: bool,
+             query_positions: Optional[torch.Tensor] = None):
         if not isinstance(return_attentions, bool):
             raise TypeError(f"return_attentions must be True or False, got {return_attentions!r}")
         blocks = list(self.model)
         h = blocks[0](input_array, attention_mask, output_array)
         h = blocks[1](*h, need_weights=return_attentions)
-        for block in blocks[2:]:
+        for block in blocks[2:-1]:
             h = block(h)
-        logits, attentions = h
+        logits, attentions = blocks[-1](h, query_positions=query_positions)
         return (logits, attentions) if return_attentions else logits
 
     def num_parameters(self, include_non_trainable: bool = True) -> int:
@@ -456,11 +490,21 @@ class Perceiver(nn.Module):
         non-trainable."""
         return sum(p.numel() for p in self.parameters() if include_non_trainable or p.requires_grad)
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, dtype: Optional[torch.dtype] = None) -> None:
         """Write weights and config to `path`, loadable with `torch.load(path, weights_only=True)`
-        and restored by `Perceiver.load(path)`."""
+        and restored by `Perceiver.load(path)`.
+
+        dtype=torch.float16 (or bfloat16) stores the floating-point weights rounded to that type, at
+        half the size; `load` puts them back into float32 parameters, so the loaded model is the
+        rounded one (evaluate that one). The default keeps every weight exactly.
+        """
+        state = self.state_dict()
+        if dtype is not None:
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         torch.save({"format": "percnb/1", "class": type(self).__name__, "config": self.config.to_dict(),
-                    "state_dict": self.state_dict()}, path)
+                    "state_dict": state}, path)
 
     @classmethod
     def load(cls, path: str, map_location: Union[str, torch.device] = "cpu") -> "Perceiver":
@@ -511,7 +555,11 @@ class PerceiverMLM(Perceiver):
     """Masked language model: (batch, seq) token ids -> (batch, seq, vocab) logits.
 
     One output query per position (output_len = input_len, no decoder_reduction, n_classes =
-    input_num_tokens). forward(tokens, attention_mask=None, return_attentions=False).
+    input_num_tokens). forward(tokens, attention_mask=None, positions=None, return_attentions=False).
+    `positions` (batch, k) long picks the positions to decode: the logits are then (batch, k, vocab).
+    Output queries do not attend to each other, so this equals decoding every position and picking
+    those k, at k / seq of the decoder's cost: training scores only the masked positions, so it
+    decodes only those (see `percnb.train.masked_lm_step`).
     """
 
     def __init__(self, config: PerceiverConfig):
@@ -525,8 +573,21 @@ class PerceiverMLM(Perceiver):
         super().__init__(config)
 
     def forward(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,  # type: ignore[override]
-                return_attentions: bool = False):
-        return super().forward(tokens, attention_mask, return_attentions=return_attentions)
+                positions: Optional[torch.Tensor] = None, return_attentions: bool = False):
+        queries = None
+        if positions is not None:
+            seq = self.config.output_len
+            if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.is_floating_point() \
+                    or positions.dtype == torch.bool:
+                raise TypeError("positions must be a (batch, k) integer tensor of positions to decode, got "
+                                f"{_describe(positions) if isinstance(positions, torch.Tensor) else type(positions).__name__}")
+            if isinstance(tokens, torch.Tensor) and positions.shape[0] != tokens.shape[0]:
+                raise ValueError(f"positions must have one row per sample ({tokens.shape[0]}), got {_describe(positions)}")
+            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= seq):
+                raise ValueError(f"positions must be in [0, {seq}), got min {int(positions.min())} and "
+                                 f"max {int(positions.max())}")
+            queries = self.model.embeddings.output_array[positions]
+        return self._run(tokens, attention_mask, queries, return_attentions, query_positions=positions)
 
 
 def image_config(channels: int, height: int, width: int, n_classes: int, **overrides) -> PerceiverConfig:
@@ -536,6 +597,21 @@ def image_config(channels: int, height: int, width: int, n_classes: int, **overr
                   input_dim=128, latent_len=32, latent_dim=128, output_len=1, output_dim=128,
                   ffw_latent=512, ffw_output=512, num_heads=4, num_layers=4, cross_heads=1,
                   pos_encoding="fourier", fourier_bands=6, decoder_reduction="mean", n_classes=n_classes)
+    fields.update(overrides)
+    return PerceiverConfig(**fields)
+
+
+def mlm_config(seq_len: int, vocab_size: int, **overrides) -> PerceiverConfig:
+    """A PerceiverConfig for `PerceiverMLM` on (batch, seq_len) token ids over `vocab_size` tokens;
+    any field can be overridden. The defaults are the byte model of notebook 04 and
+    scripts/train_mlm.py: one latent per 4 tokens (seq_len must be divisible by 4), width 256, 4
+    cross-attention heads, sinusoid positions, latents seeded from their input windows and queries
+    from their window's latent (notebook 04 measures what each of these buys)."""
+    fields = dict(input_len=seq_len, input_type="tokens", input_num_tokens=vocab_size, output_len=seq_len,
+                  n_classes=vocab_size, decoder_reduction=None, input_dim=256, latent_len=max(1, seq_len // 4),
+                  latent_dim=256, output_dim=256, ffw_latent=1024, ffw_output=1024, num_heads=8, num_layers=4,
+                  cross_heads=4, pos_encoding="sinusoid", latents_from_inputs=True, queries_from_latents=True,
+                  decoder_residual=True)
     fields.update(overrides)
     return PerceiverConfig(**fields)
 

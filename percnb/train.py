@@ -1,8 +1,8 @@
 """One small training loop for every notebook and script: `fit` and `evaluate`.
 
 A task is a model plus a `step_fn(model, batch) -> (loss, n_correct, n_counted)`; the default is
-classification with cross-entropy on `(inputs, targets)` batches. The masked language model passes
-its own step_fn that scores only the masked positions.
+classification with cross-entropy on `(inputs, targets)` batches; the masked language model passes
+`masked_lm_step`, which decodes and scores only the masked positions.
 """
 from __future__ import annotations
 
@@ -28,6 +28,25 @@ def classification_step(model: nn.Module, batch: Sequence[torch.Tensor],
     logits = model(inputs)
     loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     return loss, int((logits.argmax(-1) == targets).sum()), targets.numel()
+
+
+def masked_lm_step(model: nn.Module, batch: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, int, int]:
+    """Cross-entropy over the scored positions of an `(inputs, targets)` batch of a `PerceiverMLM`.
+
+    inputs, targets: (batch, seq) long; targets hold IGNORE (-100) where nothing is scored (see
+    `percnb.data.text.ByteMasker`). Only the scored positions are decoded (`positions=`): each row's
+    scored positions first, padded with unscored ones to the longest row.
+    """
+    inputs, targets = batch[0], batch[1]
+    scored = targets != -100
+    k = max(1, int(scored.sum(1).max()))
+    # A stable sort on "not scored" puts each row's scored positions first, in order.
+    positions = torch.sort((~scored).to(torch.uint8), dim=1, stable=True).indices[:, :k]
+    picked = targets.gather(1, positions)
+    logits = model(inputs, positions=positions)
+    loss = F.cross_entropy(logits.flatten(0, 1), picked.flatten(), ignore_index=-100)
+    counted = picked != -100
+    return loss, int(((logits.argmax(-1) == picked) & counted).sum()), int(counted.sum())
 
 
 @dataclass

@@ -1,0 +1,159 @@
+"""Train the byte-level PerceiverMLM that notebook 04 loads, or run the study behind its table.
+
+    python scripts/train_mlm.py                 # the shipped checkpoint: checkpoints/mlm_bytes.pt (+ .json)
+    python scripts/train_mlm.py --study         # each design choice for 600 steps, 2 at a time:
+                                                # checkpoints/mlm_study.json
+    python scripts/train_mlm.py --steps 200 --out /tmp/mlm.pt   # a quick run
+
+Text: the Python documentation topics (`pydoc_data.topics`), split by document into train/val/test
+(`percnb.data.text.load_text_splits`, seed 0). Choices are made on the validation split; the test
+split is scored once, at the end of the checkpoint run, from the reloaded file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from percnb.data.text import (VOCAB_SIZE, ByteMasker, RandomWindows, load_text_splits, masked_accuracy,
+                              masked_eval_set, fixed_windows, neighbour_predict, unigram_predict)
+from percnb.models import PerceiverMLM, mlm_config
+from percnb.train import evaluate, fit, masked_lm_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ_LEN = 128
+
+# The study: one change at a time from the plain Perceiver IO set-up to the shipped model, then
+# the latent count from a tight bottleneck to none (latent_len = seq_len: one latent per byte).
+STUDY = [
+    ("Perceiver IO: tokens at std 0.02, learned latents, position-only queries",
+     dict(token_init_std=0.02, latents_from_inputs=False, queries_from_latents=False, decoder_residual=False)),
+    ("+ tokens on the sinusoid's scale (std 0.71)",
+     dict(latents_from_inputs=False, queries_from_latents=False, decoder_residual=False)),
+    ("+ latents seeded from their input windows", dict(queries_from_latents=False, decoder_residual=False)),
+    ("+ queries read their window's latent (shipped)", dict()),
+    ("shipped, 1 cross-attention head", dict(cross_heads=1)),
+    ("shipped, trainable positions", dict(pos_encoding="trainable")),
+    ("latent_len 8", dict(latent_len=8)),
+    ("latent_len 16", dict(latent_len=16)),
+    ("latent_len 64", dict(latent_len=64)),
+    ("latent_len 128 (no bottleneck)", dict(latent_len=128)),
+]
+
+
+def baselines(splits, test_inputs, test_targets, seq_len: int) -> dict:
+    """The count baselines on the test set: what the model sees, and (easier) the uncorrupted neighbours."""
+    clean = fixed_windows(splits.test, seq_len)
+    return {"unigram": masked_accuracy(unigram_predict(splits.train, test_inputs), test_targets),
+            "neighbours_as_seen": masked_accuracy(neighbour_predict(splits.train, test_inputs), test_targets),
+            "neighbours_uncorrupted": masked_accuracy(neighbour_predict(splits.train, clean), test_targets)}
+
+
+def train(config, splits, args, steps: int, label: str = ""):
+    """Train a PerceiverMLM from `config` with fit(): a tqdm bar, or with a `label`, one line per evaluation."""
+    def report(step, history):
+        if history.eval_step and history.eval_step[-1] == step:
+            print(f"  {label}, step {step}: val accuracy {history.val_accuracy[-1]:.3f}", flush=True)
+
+    masker = ByteMasker()
+    val = masked_eval_set(splits.val, config.input_len, masker, seed=0)
+    model = PerceiverMLM(config)
+    train_windows = RandomWindows(splits.train, config.input_len, length=steps * args.batch_size)
+    history = fit(model, train_windows, val_data=val, steps=steps, batch_size=args.batch_size, lr=args.lr,
+                  schedule="cosine", warmup=min(args.warmup, steps // 4), grad_clip=1.0, augment=masker,
+                  step_fn=masked_lm_step, eval_every=args.eval_every, seed=args.seed, progress=not label,
+                  callback=report if label else None)
+    return model, history
+
+
+def study_entry(index: int, steps: int, args) -> tuple:
+    """Train study entry `index` for `steps` steps; returns (name, what to record)."""
+    torch.set_num_threads(args.threads)
+    name, changes = STUDY[index]
+    config = mlm_config(SEQ_LEN, VOCAB_SIZE, seed=args.seed, **changes)
+    model, history = train(config, load_text_splits(seed=0), args, steps, label=name)
+    return name, {"changes": changes, "steps": steps, "val_step": history.eval_step,
+                  "val_accuracy": history.val_accuracy, "parameters": model.num_parameters(), "order": index}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", action="store_true", help="run the design study instead of the checkpoint")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps (default: 6000 for the checkpoint, 600 per study entry)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--warmup", type=int, default=300, help="linear warm-up steps, then cosine decay")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="validation every this many steps (default: 100 in the study, 250 otherwise)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (default: 2, or 1 per study worker)")
+    parser.add_argument("--workers", type=int, default=2, help="study entries trained at once")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", type=int, nargs="*", help="study entries to run (indices), default all")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="checkpoint path (default checkpoints/mlm_bytes.pt) or study JSON "
+                             "(default checkpoints/mlm_study.json)")
+    args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.study else 2
+    if args.eval_every is None:
+        args.eval_every = 100 if args.study else 250
+    torch.set_num_threads(args.threads)
+    splits = load_text_splits(seed=0)
+    command = "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])])
+    machine = {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+               "python": platform.python_version(), "load_before": os.getloadavg()[0]}
+
+    if args.study:
+        steps = args.steps or 600
+        out = args.out or ROOT / "checkpoints" / "mlm_study.json"
+        results = json.loads(out.read_text())["results"] if out.exists() and args.only else {}
+        wanted = [i for i in range(len(STUDY)) if not args.only or i in args.only]
+        # Entries are independent: run them in parallel processes of args.threads threads each.
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(study_entry, i, steps, args): i for i in wanted}
+            for future in as_completed(futures):
+                name, result = future.result()
+                results[name] = result
+                print(f"{name:62s} val acc {result['val_accuracy'][-1]:.3f} after {steps} steps", flush=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps({"command": command, "machine": machine, "batch_size": args.batch_size,
+                                           "lr": args.lr, "warmup": args.warmup, "seq_len": SEQ_LEN,
+                                           "results": results}, indent=1))
+        return
+
+    steps = args.steps or 6000
+    out = args.out or ROOT / "checkpoints" / "mlm_bytes.pt"
+    config = mlm_config(SEQ_LEN, VOCAB_SIZE, seed=args.seed)
+    start = time.perf_counter()
+    model, history = train(config, splits, args, steps)
+    seconds = time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(out, dtype=torch.float16)
+    loaded = PerceiverMLM.load(out)                 # the test score is the shipped file's, not the live model's
+    test_inputs, test_targets = masked_eval_set(splits.test, SEQ_LEN, ByteMasker(), seed=1)
+    test = evaluate(loaded, (test_inputs, test_targets), step_fn=masked_lm_step)
+    machine["load_after"] = os.getloadavg()[0]
+    report = {"command": command, "machine": machine, "seconds": seconds, "steps": steps,
+              "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "config": config.to_dict(),
+              "parameters": model.num_parameters(), "file_bytes": out.stat().st_size,
+              "history": {"step": history.step, "loss": history.loss, "eval_step": history.eval_step,
+                          "val_accuracy": history.val_accuracy, "val_loss": history.val_loss},
+              "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+              "baselines": baselines(splits, test_inputs, test_targets, SEQ_LEN)}
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    print(f"{steps} steps in {seconds / 60:.1f} min; test masked-byte accuracy {test['accuracy']:.4f} "
+          f"(baselines: {report['baselines']}); {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
