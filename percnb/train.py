@@ -173,7 +173,9 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc="training", leave=True)
+        # Few refreshes: a notebook bar is a widget, and every refresh is a kernel message; thousands of
+        # them overflow the output channel's buffer and a test runner (nbval) then loses the cell's end.
+        bar = tqdm(total=total, desc="training", leave=True, mininterval=2.0)
     model.to(device).train()
     start, step = time.perf_counter(), 0
     while step < total:
