@@ -180,6 +180,59 @@ def test_block_fast_path_equals_explicit_path(self_attention, masked):
         assert torch.allclose(a, b, atol=MAX_GAP)
 
 
+@pytest.mark.parametrize("kv_dim, heads, masked", [(3, 1, False), (3, 2, True), (12, 1, True)])
+def test_input_space_cross_attention_equals_projected(kv_dim, heads, masked):
+    # Inputs narrower than a head (the Perceiver encoder's case) take the input-space path; the
+    # explicit path projects keys and values. Outputs and every gradient must agree.
+    torch.manual_seed(0)
+    block = Block(kv_dim, 16, heads, 32, add_residual=True)
+    assert block._input_space_is_cheaper(4, 40) == (kv_dim * heads < 16)
+    q, kv = torch.randn(3, 4, 16, requires_grad=True), torch.randn(3, 40, kv_dim, requires_grad=True)
+    mask = None
+    if masked:
+        mask = torch.rand(3, 40) > 0.5
+        mask[1] = False                                    # nothing to attend to: zero output, b_v included
+    results = []
+    for need in (False, True):
+        block.zero_grad()
+        q.grad = kv.grad = None
+        out, _ = block(kv, q, mask, need_weights=need)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), q.grad, kv.grad] + [p.grad for p in block.parameters()])
+    for name, a, b in zip(["out", "q.grad", "kv.grad"] + [n for n, _ in block.named_parameters()], *results):
+        assert torch.allclose(a, b, atol=MAX_GAP), name
+
+
+def test_input_space_cross_attention_gradcheck():
+    torch.manual_seed(0)
+    block = Block(2, 8, 2, 8, add_residual=True).double()
+    assert block._input_space_is_cheaper(3, 5)
+    q, kv = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 5, 2, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, False, True, True, False], [False] * 5])
+    assert torch.autograd.gradcheck(lambda x, lat: block(x, lat, mask)[0], (kv, q.requires_grad_()))
+
+
+def test_dropout_keeps_the_projected_path_in_training():
+    # Dropped attention weights no longer sum to 1, so b_v would not pass through: training with
+    # dropout uses the projected path; eval (no dropout) may use the input space and must agree.
+    torch.manual_seed(0)
+    block = Block(3, 16, 1, 32, dropout=0.5, add_residual=True)
+    q, kv = torch.randn(2, 4, 16), torch.randn(2, 20, 3)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        train_fast, _ = block(kv, q)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        qh = block._heads(block.q(block.ln_q(q)), 1)[0]
+        k, v = block._heads(block.kv(block.ln_kv(kv)), 2)
+        reference, _ = attention(qh, k, v, dropout_p=0.5)
+        reference = block.drop(block.proj(reference.transpose(1, 2).flatten(2))) + q
+        reference = reference + block.mlp(block.ln_mlp(reference))
+    assert torch.allclose(train_fast, reference, atol=MAX_GAP)
+    block.eval()
+    assert torch.allclose(block(kv, q)[0], block(kv, q, need_weights=True)[0], atol=MAX_GAP)
+
+
 def test_block_shapes():
     block = Block(kv_dim=6, q_dim=8, num_heads=4, ffw_dim=16)
     out, weights = block(torch.randn(2, 11, 6), torch.randn(2, 3, 8), need_weights=True)
