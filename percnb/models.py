@@ -28,7 +28,7 @@ from .config import PerceiverConfig
 from .encodings import build_position_encoding
 
 __all__ = [
-    "PerceiverConfig", "build_position_encoding", "attention", "Block", "Embeddings", "EncoderBlock",
+    "PerceiverConfig", "build_position_encoding", "attention", "GeluMLP", "Block", "Embeddings", "EncoderBlock",
     "ProcessorBlock", "DecoderBlock", "get_sequential_from_config", "Perceiver", "PerceiverImage",
     "PerceiverMLM", "get_distributed_model",
 ]
@@ -115,6 +115,58 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optio
     return out, None
 
 
+class _GeluMLPFunction(torch.autograd.Function):
+    """linear(gelu(linear(x, w1, b1)), w2, b2), keeping only x and the pre-GELU hidden h for backward.
+
+    Autograd would also keep gelu(h), which is as big as h (hidden = 4-6x the width): the largest
+    activation of a latent block. Backward recomputes it from h, one cheap elementwise pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        h = F.linear(x, w1, b1)
+        ctx.save_for_backward(x, h, w1, w2)
+        return F.linear(F.gelu(h), w2, b2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, h, w1, w2 = ctx.saved_tensors
+        # Under autocast h may be half precision while the weights are float32: compute in h's dtype
+        # (autograd casts each gradient back to its input's dtype).
+        dtype = h.dtype
+        x, h = x.reshape(-1, x.shape[-1]).to(dtype), h.reshape(-1, h.shape[-1])
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
+        if need_w2:
+            grad_w2 = grad_out.t() @ F.gelu(h)
+        if need_b2:
+            grad_b2 = grad_out.sum(0)
+        if need_x or need_w1 or need_b1:
+            grad_h = torch.ops.aten.gelu_backward(grad_out @ w2.to(dtype), h)
+            if need_x:
+                grad_x = (grad_h @ w1.to(dtype)).view(ctx.saved_tensors[0].shape)
+            if need_w1:
+                grad_w1 = grad_h.t() @ x
+            if need_b1:
+                grad_b1 = grad_h.sum(0)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+class GeluMLP(nn.Sequential):
+    """Linear(dim, hidden) -> GELU -> Linear(hidden, dim) -> Dropout: the nn.Sequential it looks like
+    (same weights and names, mlp.0 and mlp.2), whose forward keeps half the activations for backward
+    (`_GeluMLPFunction`). x: (..., dim) -> (..., dim)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, _, second, drop = self
+        return drop(_GeluMLPFunction.apply(x, first.weight, first.bias, second.weight, second.bias))
+
+
 class Block(nn.Module):
     """Pre-LayerNorm attention + MLP block, for cross-attention (q reads kv) and self-attention.
 
@@ -155,7 +207,7 @@ class Block(nn.Module):
             self.kv = nn.Linear(kv_dim, 2 * q_dim)
         self.proj = nn.Linear(q_dim, q_dim)
         self.ln_mlp = nn.LayerNorm(q_dim)
-        self.mlp = nn.Sequential(nn.Linear(q_dim, ffw_dim), nn.GELU(), nn.Linear(ffw_dim, q_dim), nn.Dropout(dropout))
+        self.mlp = GeluMLP(q_dim, ffw_dim, dropout)
         self.drop = nn.Dropout(dropout)
 
     def _heads(self, x: torch.Tensor, parts: int) -> Tuple[torch.Tensor, ...]:

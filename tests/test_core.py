@@ -6,8 +6,9 @@ import torch
 
 from percnb.config import PerceiverConfig
 from percnb.encodings import build_position_encoding, fourier_features, sinusoid_encoding
-from percnb.models import (Block, DecoderBlock, Embeddings, EncoderBlock, Perceiver, PerceiverImage, PerceiverMLM,
-                           ProcessorBlock, attention, get_sequential_from_config, image_config)
+from percnb.models import (Block, DecoderBlock, Embeddings, EncoderBlock, GeluMLP, Perceiver, PerceiverImage,
+                           PerceiverMLM, ProcessorBlock, _GeluMLPFunction, attention, get_sequential_from_config,
+                           image_config)
 
 torch.set_num_threads(1)
 
@@ -231,6 +232,66 @@ def test_dropout_keeps_the_projected_path_in_training():
     assert torch.allclose(train_fast, reference, atol=MAX_GAP)
     block.eval()
     assert torch.allclose(block(kv, q)[0], block(kv, q, need_weights=True)[0], atol=MAX_GAP)
+
+
+def _plain_mlp(mlp: GeluMLP) -> torch.nn.Sequential:
+    plain = torch.nn.Sequential(torch.nn.Linear(mlp[0].in_features, mlp[0].out_features), torch.nn.GELU(),
+                                torch.nn.Linear(mlp[2].in_features, mlp[2].out_features))
+    plain.load_state_dict(mlp.state_dict(), strict=False)
+    return plain.to(mlp[0].weight.dtype)
+
+
+def test_gelu_mlp_equals_the_plain_sequential():
+    torch.manual_seed(0)
+    mlp = GeluMLP(8, 24)
+    plain = _plain_mlp(mlp)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    grads = []
+    for module in (mlp, plain):
+        x.grad = None
+        out = module(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), x.grad, *(p.grad for p in module.parameters())))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)        # the same kernels; only the GELU is recomputed
+    assert set(mlp.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_gelu_mlp_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 3, 4), (6, 4), (6,), (4, 6), (4,)]              # x, w1, b1, w2, b2
+    args = [torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True) for shape in shapes]
+    assert torch.autograd.gradcheck(_GeluMLPFunction.apply, args)
+
+
+def test_gelu_mlp_saves_half_the_hidden_activations():
+    mlp, x = GeluMLP(8, 64), torch.randn(4, 10, 8, requires_grad=True)
+
+    def saved_bytes(module):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x)
+        params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        return sum(n for ptr, n in seen.items() if ptr not in params and ptr != x.untyped_storage().data_ptr())
+
+    hidden = 4 * 10 * 64 * 4
+    assert saved_bytes(_plain_mlp(mlp)) == 2 * hidden and saved_bytes(mlp) == hidden
+
+
+def test_gelu_mlp_under_autocast_and_no_double_backward():
+    mlp, x = GeluMLP(8, 16), torch.randn(2, 3, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlp(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and mlp[0].weight.grad.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in mlp.parameters())
+    (grad,) = torch.autograd.grad(mlp(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):                  # refuses, rather than a silently wrong answer
+        grad.sum().backward()
 
 
 def test_block_shapes():
