@@ -468,13 +468,13 @@ def main(argv=None):
             for lib in order:
                 memory.setdefault((lib, m), []).append(run_worker(dict(run, kind="memory", library=lib, m=m)))
     report(args, census, times, memory)
+    if args.scaling_sizes:
+        scaling(args, run, times, memory)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare_peers.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "census": census,
          "times": {f"{lib} {m}": v for (lib, m), v in times.items()},
          "memory": {f"{lib} {m}": v for (lib, m), v in memory.items()}}, indent=1))
-    if args.scaling_sizes:
-        scaling(args, run, times, memory)
 
 
 def print_census(args, census):
@@ -534,14 +534,14 @@ def report(args, census, times, memory):
     if "percnb" not in libs or not peers:
         print("\n(no percnb-vs-peer ratios: compare percnb with at least one peer)")
         return
-    print(f"\npercnb against the best peer at each M (median of per-round ratios):")
+    print("\npercnb against the best peer at each M (median of per-round ratios):")
     print(f"  {'M':>7}  {'train speedup':30}  {'inference speedup':30}  {'peak memory ratio':30}")
     verdict = {"speed": [], "memory": [], "no slower": []}
     for m in args.sizes:
         row = []
-        for key, better in (("train_s", min), ("inference_s", min), ("peak_mb", min)):
+        for key in ("train_s", "inference_s", "peak_mb"):
             source = memory if key == "peak_mb" else times
-            best = better(peers, key=lambda lib: _median(source[lib, m], key))
+            best = min(peers, key=lambda lib: _median(source[lib, m], key))
             pairs = zip(source["percnb", m], source[best, m])
             ratios = [(b[key] / a[key]) if key != "peak_mb" else (a[key] / b[key]) for a, b in pairs]
             row.append((statistics.median(ratios), best))
@@ -559,19 +559,20 @@ def report(args, census, times, memory):
 
 
 def scaling(args, run, times, memory):
+    """percnb alone at each of --scaling-sizes, --rounds times over all sizes (sizes the comparison
+    measured are not run again); adds its runs to `times` and `memory`."""
     sizes = sorted(set(args.scaling_sizes))
-    train, peak = [], []
-    for m in sizes:
-        if ("percnb", m) in times:                        # measured in the comparison already
-            t, mem = times["percnb", m], memory["percnb", m]
-        else:
-            t = [run_worker(dict(run, kind="time", library="percnb", m=m))]
-            mem = [run_worker(dict(run, kind="memory", library="percnb", m=m))]
-        train.append(_median(t, "train_s"))
-        peak.append(_median(mem, "peak_mb"))
-        print(f"  scaling: percnb M={m:,} {train[-1]:.3f} s/step, {peak[-1]:.0f} MB (load {t[-1]['load']:.2f})",
-              flush=True)
-    print(f"\nhow percnb's train step grows with M (batch {args.batch}):")
+    new = [m for m in sizes if ("percnb", m) not in times]
+    for r in range(args.rounds):
+        for m in new:
+            times.setdefault(("percnb", m), []).append(run_worker(dict(run, kind="time", library="percnb", m=m)))
+            memory.setdefault(("percnb", m), []).append(run_worker(dict(run, kind="memory", library="percnb", m=m)))
+            t, mem = times["percnb", m][-1], memory["percnb", m][-1]
+            print(f"  scaling round {r + 1}: percnb M={m:,} {t['train_s']:.3f} s/step, {mem['peak_mb']:.0f} MB "
+                  f"(load {t['load']:.2f})", flush=True)
+    train = [_median(times["percnb", m], "train_s") for m in sizes]
+    peak = [_median(memory["percnb", m], "peak_mb") for m in sizes]
+    print(f"\nhow percnb's train step grows with M (batch {args.batch}; median of {args.rounds} run(s) per M):")
     print(f"  {'M':>7}  {'s/step':>8}  {'peak MB':>8}")
     for m, t, mem in zip(sizes, train, peak):
         print(f"  {m:>7,}  {t:>8.3f}  {mem:>8.0f}")
@@ -585,13 +586,16 @@ def scaling(args, run, times, memory):
 
 
 def plot(args, sizes, train, peak, times, memory):
+    """Time and peak memory against M, log-log: percnb's sweep with its linear fit, the peers' points."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, values, key, label in ((axes[0], train, "train_s", "train step (s)"),
                                    (axes[1], peak, "peak_mb", "peak memory above baseline (MB)")):
-        ax.loglog(sizes, values, "o-", label=f"percnb (slope {loglog_slope(sizes, values):.2f})")
+        ax.loglog(sizes, values, "o", label=f"percnb (log-log slope {loglog_slope(sizes, values):.2f})")
+        a, b, _ = linear_fit(sizes, values)
+        ax.loglog(sizes, [a + b * m for m in sizes], ":", color="C0", label="percnb's linear fit a + b M")
         for lib in args.libraries:
             if lib != "percnb":
                 source = memory if key == "peak_mb" else times
@@ -599,7 +603,9 @@ def plot(args, sizes, train, peak, times, memory):
         ax.set_xlabel("inputs M")
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle(f"batch {args.batch}, {args.threads} threads" + (" (tiny smoke run)" if args.tiny else ""))
+    loads = [r["load"] for runs in times.values() for r in runs]
+    fig.suptitle(f"train step, batch {args.batch}, {args.threads} threads, load average {min(loads):.1f}.."
+                 f"{max(loads):.1f} on {os.cpu_count()} CPUs" + (" (tiny smoke run)" if args.tiny else ""))
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "compare_peers_scaling.png"
