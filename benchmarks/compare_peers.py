@@ -17,12 +17,13 @@ FLOPs per step (torch.utils.flop_counter; percnb's on its explicit path, which d
 math) and refuses to compare models that differ by more than 2%.
 
 Every (library, M) runs in a fresh subprocess (batch 8, 2 threads, the same data, AdamW with its
-defaults): a warm-up step, then the median of the timed train steps (zero_grad, forward, backward,
-optimizer step) and of the inference steps (eval, inference_mode). Peak memory is measured in
-another fresh subprocess running the same train steps: the peak resident memory during the steps
-minus the resident memory after the model, optimizer and data were built (after a gc). Libraries run
-interleaved, and the whole sweep repeats --rounds times: a machine whose load changes slows all of
-them alike, and each ratio is the median of its per-round ratios.
+defaults): a warm-up step, then timed train steps (zero_grad, forward, backward, optimizer step)
+and inference steps (eval, inference_mode), reported as medians. The libraries' processes at one M
+run in lockstep: each runs one step while the others wait, in turn, so step i of every library sees
+the same load (a shared machine's load changes within seconds); speedups are medians of these
+per-step ratios. Peak memory is measured in another fresh subprocess running the same train steps:
+the peak resident memory during the steps minus the resident memory after the model, optimizer and
+data were built (after a gc). Everything repeats --rounds times with fresh processes.
 """
 import argparse
 import dataclasses
@@ -35,10 +36,11 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ("percnb", "perceiver-pytorch", "transformers")
@@ -63,7 +65,7 @@ class Dims:
         return 6 * self.width
 
 
-TINY = Dims(channels=8, latents=16, width=32, layers=2, heads=2)
+TINY = Dims(channels=16, latents=16, width=64, layers=2, heads=2)   # wide enough for biases to stay within 2%
 
 
 # --------------------------------------------------------------------------- the three models
@@ -223,30 +225,31 @@ def _version(library: str) -> str:
         return "source"
 
 
-def time_steps(job: dict) -> dict:
-    """Median seconds per train step and per inference step (wall clock, and this process's CPU time)."""
+def serve_steps(job: dict) -> None:
+    """Build the model, then run one step per command read from stdin ("train", "inference",
+    "matmul", "quit"), answering each with a RESULT line: the lockstep parent makes the libraries
+    take turns, step by step, so that they all run under the same load."""
     import torch
     model, train_step, inference_step = _setup(job)
-    for _ in range(job["warmup"]):
-        train_step()
-    wall, cpu = [], []
-    for _ in range(job["steps"]):
-        w, c = time.perf_counter(), time.process_time()
-        train_step()
-        wall.append(time.perf_counter() - w)
-        cpu.append(time.process_time() - c)
-    model.eval()
-    inference_step()                                            # warm-up
-    infer = []
-    for _ in range(job["inference_steps"]):
-        w = time.perf_counter()
-        inference_step()
-        infer.append(time.perf_counter() - w)
-    result = {"train_s": statistics.median(wall), "train_cpu_s": statistics.median(cpu),
-              "inference_s": statistics.median(infer), "load": os.getloadavg()[0], "torch": torch.__version__}
-    if job["library"] == "percnb":          # the yardstick for its GFLOP/s, measured under the same load
-        result["matmul_gflops"] = matmul_peak(job["matmul_n"])
-    return result
+    _reply({"ready": True})
+    for command in sys.stdin:
+        command = command.strip()
+        if command == "quit":
+            return
+        if command == "matmul":                 # the yardstick for percnb's GFLOP/s, under the same load
+            _reply({"matmul_gflops": matmul_peak(job["matmul_n"])})
+            continue
+        if command == "inference" and model.training:
+            model.eval()
+        step = train_step if command == "train" else inference_step
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        _reply({"s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "load": os.getloadavg()[0],
+                "torch": torch.__version__})
+
+
+def _reply(result: dict) -> None:
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def _rss() -> int:
@@ -317,20 +320,89 @@ def matmul_peak(n: int, repeats: int = 5) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-WORKERS = {"flops": flop_counts, "time": time_steps, "memory": peak_memory}
+WORKERS = {"flops": flop_counts, "memory": peak_memory}
+
+
+def _command(job: dict) -> list:
+    return [sys.executable, __file__, "--worker", json.dumps(job)]
+
+
+def _env() -> dict:
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
 
 
 def run_worker(job: dict) -> dict:
     """Run one measurement in a fresh Python process and return its result."""
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
-                         env=env)
+    out = subprocess.run(_command(job), capture_output=True, text=True, env=_env())
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"worker {job['kind']} {job.get('library', '')} M={job.get('m', '')} failed:\n"
                          f"{out.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+class Server:
+    """A fresh Python process holding one model (`serve_steps`), which runs a step when asked."""
+
+    def __init__(self, job: dict):
+        self.job, self.errors = job, tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(_command(dict(job, kind="serve")), stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.errors, text=True, env=_env())
+
+    def ask(self, command: Optional[str]) -> dict:
+        if command is not None:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+        self.errors.seek(0)
+        raise SystemExit(f"worker {self.job['library']} M={self.job['m']} failed:\n{self.errors.read()[-3000:]}")
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.close()
+            self.process.wait()
+        self.errors.close()
+
+
+def lockstep(jobs: Dict[Any, dict], warmup: int, steps: int, inference_steps: int) -> Dict[Any, dict]:
+    """Time several models, one fresh process each, taking turns step by step.
+
+    All processes build their model, then in each cycle every one runs one step while the others
+    wait (the order rotates from cycle to cycle): warm-up train steps, timed train steps, one
+    untimed inference step, timed inference steps. Step i of every model ran within one cycle, under
+    the same load, so per-cycle ratios are fair even on a busy machine. Returns, per key, the lists
+    of seconds ("train", "train_cpu", "inference"), the load averages seen and, for percnb, a
+    matmul peak measured last.
+    """
+    servers = {key: Server(job) for key, job in jobs.items()}
+    try:
+        for server in servers.values():
+            server.ask(None)                                    # built and ready
+        results = {key: {"train": [], "train_cpu": [], "inference": [], "load": []} for key in jobs}
+        keys = list(jobs)
+        plan = [("train", None)] * warmup + [("train", "train")] * steps
+        if inference_steps:
+            plan += [("inference", None)] + [("inference", "inference")] * inference_steps
+        for cycle, (command, record) in enumerate(plan):
+            for key in keys[cycle % len(keys):] + keys[:cycle % len(keys)]:
+                answer = servers[key].ask(command)
+                if record:
+                    results[key][record].append(answer["s"])
+                    results[key]["load"].append(answer["load"])
+                    if record == "train":
+                        results[key]["train_cpu"].append(answer["cpu_s"])
+        for key, job in jobs.items():
+            if job["library"] == "percnb":
+                results[key]["matmul_gflops"] = servers[key].ask("matmul")["matmul_gflops"]
+        return results
+    finally:
+        for server in servers.values():
+            server.close()
 
 
 # --------------------------------------------------------------------------- checks and statistics
@@ -430,7 +502,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         job = json.loads(args.worker)
-        print("RESULT " + json.dumps(WORKERS[job["kind"]](job)))
+        if job["kind"] == "serve":
+            serve_steps(job)
+        else:
+            _reply(WORKERS[job["kind"]](job))
         return
     missing = [lib for lib in args.libraries if importlib.util.find_spec(MODULES[lib]) is None]
     if missing:
@@ -453,28 +528,29 @@ def main(argv=None):
     if len(args.libraries) > 1:
         print(f"same model: parameters and FLOPs agree within {TOLERANCE:.0%}")
 
-    run = dict(base, batch=args.batch, warmup=args.warmup, steps=args.steps, inference_steps=args.inference_steps,
-               matmul_n=matmul_size(args))
-    times: Dict[tuple, List[dict]] = {}
-    memory: Dict[tuple, List[dict]] = {}
+    run = dict(base, batch=args.batch, warmup=args.warmup, steps=args.steps, matmul_n=matmul_size(args))
+    times: Dict[tuple, List[dict]] = {}                 # (library, M) -> one lockstep result per round
+    memory: Dict[tuple, List[dict]] = {}                # (library, M) -> one memory run per round
     for r in range(args.rounds):
-        order = args.libraries[r % len(args.libraries):] + args.libraries[:r % len(args.libraries)]  # who goes first
         for m in args.sizes:
-            for lib in order:
-                times.setdefault((lib, m), []).append(run_worker(dict(run, kind="time", library=lib, m=m)))
-                print(f"  round {r + 1}: {lib} M={m:,} {times[lib, m][-1]['train_s']:.3f} s/step "
-                      f"(load {times[lib, m][-1]['load']:.2f})", flush=True)
+            session = lockstep({lib: dict(run, library=lib, m=m) for lib in args.libraries},
+                               args.warmup, args.steps, args.inference_steps)
+            for lib, result in session.items():
+                times.setdefault((lib, m), []).append(result)
+            loads = [load for result in session.values() for load in result["load"]]
+            print(f"  round {r + 1}, M={m:,}: " + ", ".join(f"{lib} {statistics.median(result['train']):.3f}"
+                                                          for lib, result in session.items())
+                  + f" s/step (load {min(loads):.2f}..{max(loads):.2f})", flush=True)
         for m in args.sizes:
-            for lib in order:
+            for lib in args.libraries[r % len(args.libraries):] + args.libraries[:r % len(args.libraries)]:
                 memory.setdefault((lib, m), []).append(run_worker(dict(run, kind="memory", library=lib, m=m)))
     report(args, census, times, memory)
-    if args.scaling_sizes:
-        scaling(args, run, times, memory)
+    sweep = scaling(args, run, times, memory) if args.scaling_sizes else {}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare_peers.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "census": census,
          "times": {f"{lib} {m}": v for (lib, m), v in times.items()},
-         "memory": {f"{lib} {m}": v for (lib, m), v in memory.items()}}, indent=1))
+         "memory": {f"{lib} {m}": v for (lib, m), v in memory.items()}, "scaling": sweep}, indent=1))
 
 
 def print_census(args, census):
@@ -504,47 +580,55 @@ def matmul_size(args) -> int:
     return 256 if args.tiny else 2048
 
 
-def _median(runs: List[dict], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
+def seconds(runs: List[dict], what: str) -> float:
+    """Median seconds per step over every timed step of every round ("train", "train_cpu", "inference")."""
+    return statistics.median(t for run in runs for t in run[what])
+
+
+def megabytes(runs: List[dict]) -> float:
+    return statistics.median(run["peak_mb"] for run in runs)
 
 
 def report(args, census, times, memory):
     libs, peers = args.libraries, [lib for lib in args.libraries if lib != "percnb"]
-    loads = [r["load"] for runs in times.values() for r in runs]
-    print(f"\nresults (median over {args.rounds} round(s); load average (1 min) during the runs "
-          f"{min(loads):.2f}..{max(loads):.2f} on {os.cpu_count()} CPUs; memory: "
+    loads = [load for runs in times.values() for run in runs for load in run["load"]]
+    print(f"\nresults (medians over {args.rounds} round(s) x {args.steps} train / {args.inference_steps} inference "
+          f"steps; load average (1 min) {min(loads):.2f}..{max(loads):.2f} on {os.cpu_count()} CPUs; memory: "
           f"{next(iter(memory.values()))[0]['method']}):")
     print(f"  {'M':>7}  {'library':18} {'train s/step':>12} {'(CPU s)':>8} {'infer s/step':>12} {'train peak MB':>13}")
     for m in args.sizes:
         for lib in libs:
-            print(f"  {m:>7,}  {lib:18} {_median(times[lib, m], 'train_s'):>12.3f} "
-                  f"{_median(times[lib, m], 'train_cpu_s'):>8.3f} {_median(times[lib, m], 'inference_s'):>12.3f} "
-                  f"{_median(memory[lib, m], 'peak_mb'):>13.0f}")
+            print(f"  {m:>7,}  {lib:18} {seconds(times[lib, m], 'train'):>12.3f} "
+                  f"{seconds(times[lib, m], 'train_cpu'):>8.3f} {seconds(times[lib, m], 'inference'):>12.3f} "
+                  f"{megabytes(memory[lib, m]):>13.0f}")
     if "percnb" in libs:
-        peak = max(r["matmul_gflops"] for m in args.sizes for r in times["percnb", m])
+        peak = max(run["matmul_gflops"] for m in args.sizes for run in times["percnb", m])
         print(f"\npercnb's throughput, against a measured fp32 matmul peak of {peak:.1f} GFLOP/s ({args.threads} "
               f"threads: the best {matmul_size(args)}x{matmul_size(args)} matmul rate, measured after each percnb "
-              f"timing run):")
+              f"timing session):")
         for m in args.sizes:
-            seconds = _median(times["percnb", m], "train_s")
-            model = census["percnb"]["flops"][str(m)]["train"] * args.batch / seconds / 1e9
-            executed = census["percnb"]["executed_flops"][str(m)]["train"] * args.batch / seconds / 1e9
+            step = seconds(times["percnb", m], "train")
+            model = census["percnb"]["flops"][str(m)]["train"] * args.batch / step / 1e9
+            executed = census["percnb"]["executed_flops"][str(m)]["train"] * args.batch / step / 1e9
             print(f"  M={m:<7,} train: {model:6.3g} GFLOP/s of the model's FLOPs ({model / peak:.0%} of peak); "
                   f"{executed:6.3g} GFLOP/s executed ({executed / peak:.0%})")
     if "percnb" not in libs or not peers:
         print("\n(no percnb-vs-peer ratios: compare percnb with at least one peer)")
         return
-    print("\npercnb against the best peer at each M (median of per-round ratios):")
+    print("\npercnb against the best peer at each M (time: median of the per-cycle ratios; memory: of the "
+          "per-round ratios):")
     print(f"  {'M':>7}  {'train speedup':30}  {'inference speedup':30}  {'peak memory ratio':30}")
     verdict = {"speed": [], "memory": [], "no slower": []}
     for m in args.sizes:
         row = []
-        for key in ("train_s", "inference_s", "peak_mb"):
-            source = memory if key == "peak_mb" else times
-            best = min(peers, key=lambda lib: _median(source[lib, m], key))
-            pairs = zip(source["percnb", m], source[best, m])
-            ratios = [(b[key] / a[key]) if key != "peak_mb" else (a[key] / b[key]) for a, b in pairs]
+        for what in ("train", "inference"):
+            best = min(peers, key=lambda lib: seconds(times[lib, m], what))
+            ratios = [theirs / ours for a, b in zip(times["percnb", m], times[best, m])
+                      for ours, theirs in zip(a[what], b[what])]
             row.append((statistics.median(ratios), best))
+        best = min(peers, key=lambda lib: megabytes(memory[lib, m]))
+        row.append((statistics.median(a["peak_mb"] / b["peak_mb"] for a, b in zip(memory["percnb", m],
+                                                                                   memory[best, m])), best))
         print(f"  {m:>7,}  " + "  ".join(f"{f'{value:.2f}x (vs {best})':30}" for value, best in row))
         (train, _), (infer, _), (mem, _) = row
         verdict["no slower"].append(train >= 1 and infer >= 1)
@@ -558,21 +642,26 @@ def report(args, census, times, memory):
           + ("  [tiny run: not a measurement]" if args.tiny else ""))
 
 
-def scaling(args, run, times, memory):
-    """percnb alone at each of --scaling-sizes, --rounds times over all sizes (sizes the comparison
-    measured are not run again); adds its runs to `times` and `memory`."""
+def scaling(args, run, times, memory) -> Dict[int, List[dict]]:
+    """percnb alone at every --scaling-sizes M, in lockstep (one process per M, taking turns), --rounds
+    times; peak memory from the comparison's runs where it measured that M, else from new runs."""
     sizes = sorted(set(args.scaling_sizes))
-    new = [m for m in sizes if ("percnb", m) not in times]
+    sweep: Dict[int, List[dict]] = {}
     for r in range(args.rounds):
-        for m in new:
-            times.setdefault(("percnb", m), []).append(run_worker(dict(run, kind="time", library="percnb", m=m)))
-            memory.setdefault(("percnb", m), []).append(run_worker(dict(run, kind="memory", library="percnb", m=m)))
-            t, mem = times["percnb", m][-1], memory["percnb", m][-1]
-            print(f"  scaling round {r + 1}: percnb M={m:,} {t['train_s']:.3f} s/step, {mem['peak_mb']:.0f} MB "
-                  f"(load {t['load']:.2f})", flush=True)
-    train = [_median(times["percnb", m], "train_s") for m in sizes]
-    peak = [_median(memory["percnb", m], "peak_mb") for m in sizes]
-    print(f"\nhow percnb's train step grows with M (batch {args.batch}; median of {args.rounds} run(s) per M):")
+        session = lockstep({m: dict(run, library="percnb", m=m) for m in sizes}, args.warmup, args.steps, 0)
+        for m in sizes:
+            sweep.setdefault(m, []).append(session[m])
+            if ("percnb", m) not in memory or len(memory["percnb", m]) <= r:
+                memory.setdefault(("percnb", m), []).append(run_worker(dict(run, kind="memory", library="percnb",
+                                                                            m=m)))
+        loads = [load for result in session.values() for load in result["load"]]
+        print(f"  scaling round {r + 1}: " + ", ".join(f"M={m:,} {statistics.median(session[m]['train']):.3f}"
+                                                     for m in sizes)
+              + f" s/step (load {min(loads):.2f}..{max(loads):.2f})", flush=True)
+    train = [seconds(sweep[m], "train") for m in sizes]
+    peak = [megabytes(memory["percnb", m]) for m in sizes]
+    print(f"\nhow percnb's train step grows with M (batch {args.batch}; medians over {args.rounds} round(s) x "
+          f"{args.steps} steps, all M in lockstep):")
     print(f"  {'M':>7}  {'s/step':>8}  {'peak MB':>8}")
     for m, t, mem in zip(sizes, train, peak):
         print(f"  {m:>7,}  {t:>8.3f}  {mem:>8.0f}")
@@ -583,27 +672,29 @@ def scaling(args, run, times, memory):
                   f"linear fit {a:.3g} {unit} + {b * 1024:.3g} {unit} per 1,024 inputs (largest deviation "
                   f"{worst:.0%}); log-log slope between the two largest M {loglog_slope(sizes[-2:], values[-2:]):.2f}")
         plot(args, sizes, train, peak, times, memory)
+    return sweep
 
 
 def plot(args, sizes, train, peak, times, memory):
-    """Time and peak memory against M, log-log: percnb's sweep with its linear fit, the peers' points."""
+    """Time and peak memory against M, log-log: percnb's sweep with its linear fit, and every library's
+    points from the comparison."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, values, key, label in ((axes[0], train, "train_s", "train step (s)"),
-                                   (axes[1], peak, "peak_mb", "peak memory above baseline (MB)")):
-        ax.loglog(sizes, values, "o", label=f"percnb (log-log slope {loglog_slope(sizes, values):.2f})")
+    for ax, values, label in ((axes[0], train, "train step (s)"), (axes[1], peak, "peak memory above baseline (MB)")):
+        slope = loglog_slope(sizes, values)
+        ax.loglog(sizes, values, "o", color="C0", label=f"percnb sweep (log-log slope {slope:.2f})")
         a, b, _ = linear_fit(sizes, values)
-        ax.loglog(sizes, [a + b * m for m in sizes], ":", color="C0", label="percnb's linear fit a + b M")
-        for lib in args.libraries:
-            if lib != "percnb":
-                source = memory if key == "peak_mb" else times
-                ax.loglog(args.sizes, [_median(source[lib, m], key) for m in args.sizes], "s--", label=lib)
+        ax.loglog(sizes, [a + b * m for m in sizes], ":", color="C0", label="its linear fit a + b M")
+        for i, lib in enumerate(args.libraries):
+            points = [megabytes(memory[lib, m]) if ax is axes[1] else seconds(times[lib, m], "train")
+                      for m in args.sizes]
+            ax.loglog(args.sizes, points, "s--", color=f"C{i + 1}", label=f"{lib} (comparison)")
         ax.set_xlabel("inputs M")
         ax.set_ylabel(label)
-        ax.legend()
-    loads = [r["load"] for runs in times.values() for r in runs]
+        ax.legend(fontsize=8)
+    loads = [load for runs in times.values() for run in runs for load in run["load"]]
     fig.suptitle(f"train step, batch {args.batch}, {args.threads} threads, load average {min(loads):.1f}.."
                  f"{max(loads):.1f} on {os.cpu_count()} CPUs" + (" (tiny smoke run)" if args.tiny else ""))
     fig.tight_layout()

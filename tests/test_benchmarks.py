@@ -21,18 +21,21 @@ def test_pipeline_bubbles_smoke():
 
 def test_compare_peers_smoke_percnb_alone(tmp_path):
     # percnb only (no peer needs to be installed), tiny model, one thread: seconds, not a measurement
-    args = ["--tiny", "--libraries", "percnb", "--threads", "1", "--out", str(tmp_path)]
+    args = ["--tiny", "--libraries", "percnb", "--threads", "1", "--sizes", "64", "--scaling-sizes", "64", "256",
+            "--out", str(tmp_path)]
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_peers.py"), *args],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split() for line in out.stdout.splitlines()
             if line.split()[1:2] == ["percnb"] and line.split()[0].isdigit()]
-    assert [row[0] for row in rows] == ["64", "128"], out.stdout                 # one table row per M
+    assert [row[0] for row in rows] == ["64"], out.stdout                        # one table row per M
     assert all(float(row[2]) > 0 and float(row[5]) >= 0 for row in rows), rows   # seconds, MB
     assert "GFLOP/s of the model's FLOPs" in out.stdout and out.stdout.count("log-log slope") >= 2
     assert (tmp_path / "compare_peers_scaling.png").stat().st_size > 0
-    census = json.loads((tmp_path / "compare_peers.json").read_text())["census"]["percnb"]
-    assert census["flops"]["128"]["train"] > census["flops"]["64"]["train"] > 0
+    results = json.loads((tmp_path / "compare_peers.json").read_text())
+    census = results["census"]["percnb"]
+    assert census["flops"]["64"]["train"] > census["flops"]["64"]["inference"] > 0
+    assert sorted(results["scaling"]) == ["256", "64"] and len(results["scaling"]["256"][0]["train"]) == 2
 
 
 def _compare_peers():
