@@ -28,7 +28,7 @@ from .config import PerceiverConfig
 from .encodings import build_position_encoding
 
 __all__ = [
-    "PerceiverConfig", "build_position_encoding", "attention", "Block", "Embeddings", "EncoderBlock",
+    "PerceiverConfig", "build_position_encoding", "attention", "GeluMLP", "Block", "Embeddings", "EncoderBlock",
     "ProcessorBlock", "DecoderBlock", "get_sequential_from_config", "Perceiver", "PerceiverImage",
     "PerceiverMLM", "image_config", "mlm_config", "get_distributed_model",
 ]
@@ -93,11 +93,13 @@ def _window_means(x: torch.Tensor, attention_mask: Optional[torch.Tensor], windo
 # --------------------------------------------------------------------------- attention
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
-              dropout_p: float = 0.0, need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+              dropout_p: float = 0.0, need_weights: bool = False, scale: Optional[float] = None
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Multi-head scaled dot-product attention, softmax over keys.
 
-    q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim); key_mask: (batch, kv_len)
-    bool, True = attend. Returns (out (batch, heads, q_len, head_dim), weights or None). Without
+    q, k: (batch, heads, q_len / kv_len, head_dim); v: (batch, heads, kv_len, v_dim); key_mask: (batch, kv_len)
+    bool, True = attend; scale multiplies the scores (default head_dim ** -0.5).
+    Returns (out (batch, heads, q_len, v_dim), weights or None). Without
     `need_weights` it runs `scaled_dot_product_attention` (fused, no (q_len, kv_len) matrix kept for
     backward on CPU/CUDA kernels that support it); with it, an explicit softmax that returns the
     weights `(batch, heads, q_len, kv_len)`. Masked keys get exactly zero weight. A sample with no
@@ -110,7 +112,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optio
         mask4 = (key_mask | ~has_key[:, None])[:, None, None, :]
         has_key = has_key[:, None, None, None].to(q.dtype)
     if need_weights:
-        scores = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
         if mask4 is not None:
             scores = scores.masked_fill(~mask4, float("-inf"))
         weights = scores.softmax(dim=-1)
@@ -118,10 +120,62 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optio
             weights = weights * has_key
         dropped = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
         return torch.matmul(dropped, v), weights
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask4, dropout_p=dropout_p)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask4, dropout_p=dropout_p, scale=scale)
     if has_key is not None:
         out = out * has_key
     return out, None
+
+
+class _GeluMLPFunction(torch.autograd.Function):
+    """linear(gelu(linear(x, w1, b1)), w2, b2), keeping only x and the pre-GELU hidden h for backward.
+
+    Autograd would also keep gelu(h), which is as big as h (hidden = 4-6x the width): the largest
+    activation of a latent block. Backward recomputes it from h, one cheap elementwise pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        h = F.linear(x, w1, b1)
+        ctx.save_for_backward(x, h, w1, w2)
+        return F.linear(F.gelu(h), w2, b2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, h, w1, w2 = ctx.saved_tensors
+        # Under autocast h may be half precision while the weights are float32: compute in h's dtype
+        # (autograd casts each gradient back to its input's dtype).
+        dtype = h.dtype
+        x, h = x.reshape(-1, x.shape[-1]).to(dtype), h.reshape(-1, h.shape[-1])
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
+        if need_w2:
+            grad_w2 = grad_out.t() @ F.gelu(h)
+        if need_b2:
+            grad_b2 = grad_out.sum(0)
+        if need_x or need_w1 or need_b1:
+            grad_h = torch.ops.aten.gelu_backward(grad_out @ w2.to(dtype), h)
+            if need_x:
+                grad_x = (grad_h @ w1.to(dtype)).view(ctx.saved_tensors[0].shape)
+            if need_w1:
+                grad_w1 = grad_h.t() @ x
+            if need_b1:
+                grad_b1 = grad_h.sum(0)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+class GeluMLP(nn.Sequential):
+    """Linear(dim, hidden) -> GELU -> Linear(hidden, dim) -> Dropout: the nn.Sequential it looks like
+    (same weights and names, mlp.0 and mlp.2), whose forward keeps half the activations for backward
+    (`_GeluMLPFunction`). x: (..., dim) -> (..., dim)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, _, second, drop = self
+        return drop(_GeluMLPFunction.apply(x, first.weight, first.bias, second.weight, second.bias))
 
 
 class Block(nn.Module):
@@ -134,6 +188,11 @@ class Block(nn.Module):
     LayerNorm and one fused q/k/v projection. `forward(..., need_weights=True)` also returns the
     attention weights (batch, num_heads, q_len, kv_len) through the explicit path; otherwise the
     second item is None and the fused SDPA kernel runs. Both paths share all weights.
+
+    On the fast path, a cross-attention whose inputs are narrower than its heads (a Perceiver
+    encoder: few input channels, one wide head) attends in the input space when that takes fewer
+    multiply-adds (`_attend_in_input_space`): the same function, without the (kv_len, 2 * q_dim)
+    keys and values, so faster and leaner. Dropout on the attention weights keeps the projected path.
     """
 
     def __init__(self, kv_dim: int, q_dim: int, num_heads: int, ffw_dim: int, dropout: float = 0.0,
@@ -159,7 +218,7 @@ class Block(nn.Module):
             self.kv = nn.Linear(kv_dim, 2 * q_dim)
         self.proj = nn.Linear(q_dim, q_dim)
         self.ln_mlp = nn.LayerNorm(q_dim)
-        self.mlp = nn.Sequential(nn.Linear(q_dim, ffw_dim), nn.GELU(), nn.Linear(ffw_dim, q_dim), nn.Dropout(dropout))
+        self.mlp = GeluMLP(q_dim, ffw_dim, dropout)
         self.drop = nn.Dropout(dropout)
 
     def _heads(self, x: torch.Tensor, parts: int) -> Tuple[torch.Tensor, ...]:
@@ -167,17 +226,53 @@ class Block(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, parts, self.num_heads, self.q_dim // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
 
+    def _input_space_is_cheaper(self, q_len: int, kv_len: int) -> bool:
+        # Multiply-adds per sample. Projected: keys and values (kv_len x kv_dim x 2 q_dim), then scores and
+        # weighted sum (2 x q_len x kv_len x q_dim). Input space: W_k folded into the queries and W_v applied
+        # after the sum (2 x q_len x kv_dim x q_dim), scores and sum per head (2 x heads x q_len x kv_len x kv_dim).
+        d, c, h = self.q_dim, self.kv_dim, self.num_heads
+        return 2 * q_len * c * d + 2 * h * q_len * kv_len * c < 2 * kv_len * c * d + 2 * q_len * kv_len * d
+
+    def _attend_in_input_space(self, kv: torch.Tensor, q: torch.Tensor,
+                               attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Cross-attention on the normalised inputs x (kv_dim wide) instead of their projections.
+
+        Per head, softmax(q . (W_k x + b_k)) (W_v x + b_v) = softmax((W_k^T q) . x) x W_v^T + b_v: q . b_k is
+        the same for every key, so the softmax ignores it, and without dropout the weights sum to 1, so b_v
+        passes through. All heads read the same x, so they become extra queries of one SDPA call.
+        Returns (batch, q_len, q_dim) before the output projection, as the projected path does.
+        """
+        b, n, _ = q.shape
+        h, d, c = self.num_heads, self.q_dim // self.num_heads, self.kv_dim
+        w_k, w_v = self.kv.weight.view(2, h, d, c).unbind(0)
+        qh = self.q(self.ln_q(q)).view(b, n, h, d)
+        q_in = torch.einsum("bnhd,hdc->bhnc", qh, w_k).reshape(b, 1, h * n, c)
+        x = self.ln_kv(kv).unsqueeze(1)                                    # (batch, 1, kv_len, kv_dim)
+        out, _ = attention(q_in, x, x, attn_mask, scale=d ** -0.5)        # (batch, 1, heads * q_len, kv_dim)
+        out = torch.einsum("bhnc,hdc->bnhd", out.view(b, h, n, c), w_v) + self.kv.bias.view(2, h, d)[1]
+        if attn_mask is not None:                 # a sample with no key to attend to gets zero, b_v included
+            out = out * attn_mask.any(dim=-1).to(out.dtype)[:, None, None, None]
+        return out.flatten(2)
+
     def forward(self, kv: Optional[torch.Tensor], q: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if self.self_attention:
-            if kv is not None and kv is not q:
-                raise ValueError("a self-attention Block reads its own input: pass kv=q (the same tensor) or kv=None")
-            qh, k, v = self._heads(self.qkv(self.ln_q(q)), 3)
+        if self.self_attention and kv is not None and kv is not q:
+            raise ValueError("a self-attention Block reads its own input: pass kv=q (the same tensor) or kv=None")
+        dropout_p = self.dropout if self.training else 0.0
+        if (not self.self_attention and not need_weights and dropout_p == 0
+                and self._input_space_is_cheaper(q.shape[1], kv.shape[1])):
+            out, weights = self._attend_in_input_space(kv, q, attn_mask), None
         else:
-            (qh,) = self._heads(self.q(self.ln_q(q)), 1)
-            k, v = self._heads(self.kv(self.ln_kv(kv)), 2)
-        out, weights = attention(qh, k, v, attn_mask, self.dropout if self.training else 0.0, need_weights)
-        out = self.drop(self.proj(out.transpose(1, 2).flatten(2)))
+            if self.self_attention:
+                qh, k, v = self._heads(self.qkv(self.ln_q(q)), 3)
+            else:
+                (qh,) = self._heads(self.q(self.ln_q(q)), 1)
+                k, v = self._heads(self.kv(self.ln_kv(kv)), 2)
+            out, weights = attention(qh, k, v, attn_mask, dropout_p, need_weights)
+            # (batch, heads, q_len, dim) -> (batch, q_len, q_dim): a view, no copy, after the fused SDPA
+            # kernels (CPU, CUDA), which lay their output out as (batch, q_len, heads, dim)
+            out = out.transpose(1, 2).flatten(2)
+        out = self.drop(self.proj(out))
         if self.add_residual:
             out = out + q
         out = out + self.mlp(self.ln_mlp(out))

@@ -6,8 +6,9 @@ import torch
 
 from percnb.config import PerceiverConfig
 from percnb.encodings import build_position_encoding, fourier_features, sinusoid_encoding
-from percnb.models import (Block, DecoderBlock, Embeddings, EncoderBlock, Perceiver, PerceiverImage, PerceiverMLM,
-                           ProcessorBlock, attention, get_sequential_from_config, image_config)
+from percnb.models import (Block, DecoderBlock, Embeddings, EncoderBlock, GeluMLP, Perceiver, PerceiverImage,
+                           PerceiverMLM, ProcessorBlock, _GeluMLPFunction, attention, get_sequential_from_config,
+                           image_config)
 
 torch.set_num_threads(1)
 
@@ -180,6 +181,119 @@ def test_block_fast_path_equals_explicit_path(self_attention, masked):
     assert torch.allclose(out_fast, out_slow, atol=MAX_GAP)
     for a, b in zip(grads_fast, grads_slow):
         assert torch.allclose(a, b, atol=MAX_GAP)
+
+
+@pytest.mark.parametrize("kv_dim, heads, masked", [(3, 1, False), (3, 2, True), (12, 1, True)])
+def test_input_space_cross_attention_equals_projected(kv_dim, heads, masked):
+    # Inputs narrower than a head (the Perceiver encoder's case) take the input-space path; the
+    # explicit path projects keys and values. Outputs and every gradient must agree.
+    torch.manual_seed(0)
+    block = Block(kv_dim, 16, heads, 32, add_residual=True)
+    assert block._input_space_is_cheaper(4, 40) == (kv_dim * heads < 16)
+    q, kv = torch.randn(3, 4, 16, requires_grad=True), torch.randn(3, 40, kv_dim, requires_grad=True)
+    mask = None
+    if masked:
+        mask = torch.rand(3, 40) > 0.5
+        mask[1] = False                                    # nothing to attend to: zero output, b_v included
+    results = []
+    for need in (False, True):
+        block.zero_grad()
+        q.grad = kv.grad = None
+        out, _ = block(kv, q, mask, need_weights=need)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), q.grad, kv.grad] + [p.grad for p in block.parameters()])
+    for name, a, b in zip(["out", "q.grad", "kv.grad"] + [n for n, _ in block.named_parameters()], *results):
+        assert torch.allclose(a, b, atol=MAX_GAP), name
+
+
+def test_input_space_cross_attention_gradcheck():
+    torch.manual_seed(0)
+    block = Block(2, 8, 2, 8, add_residual=True).double()
+    assert block._input_space_is_cheaper(3, 5)
+    q, kv = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 5, 2, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, False, True, True, False], [False] * 5])
+    assert torch.autograd.gradcheck(lambda x, lat: block(x, lat, mask)[0], (kv, q.requires_grad_()))
+
+
+def test_dropout_keeps_the_projected_path_in_training():
+    # Dropped attention weights no longer sum to 1, so b_v would not pass through: training with
+    # dropout uses the projected path; eval (no dropout) may use the input space and must agree.
+    torch.manual_seed(0)
+    block = Block(3, 16, 1, 32, dropout=0.5, add_residual=True)
+    q, kv = torch.randn(2, 4, 16), torch.randn(2, 20, 3)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        train_fast, _ = block(kv, q)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        qh = block._heads(block.q(block.ln_q(q)), 1)[0]
+        k, v = block._heads(block.kv(block.ln_kv(kv)), 2)
+        reference, _ = attention(qh, k, v, dropout_p=0.5)
+        reference = block.drop(block.proj(reference.transpose(1, 2).flatten(2))) + q
+        reference = reference + block.mlp(block.ln_mlp(reference))
+    assert torch.allclose(train_fast, reference, atol=MAX_GAP)
+    block.eval()
+    assert torch.allclose(block(kv, q)[0], block(kv, q, need_weights=True)[0], atol=MAX_GAP)
+
+
+def _plain_mlp(mlp: GeluMLP) -> torch.nn.Sequential:
+    plain = torch.nn.Sequential(torch.nn.Linear(mlp[0].in_features, mlp[0].out_features), torch.nn.GELU(),
+                                torch.nn.Linear(mlp[2].in_features, mlp[2].out_features))
+    plain.load_state_dict(mlp.state_dict(), strict=False)
+    return plain.to(mlp[0].weight.dtype)
+
+
+def test_gelu_mlp_equals_the_plain_sequential():
+    torch.manual_seed(0)
+    mlp = GeluMLP(8, 24)
+    plain = _plain_mlp(mlp)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    grads = []
+    for module in (mlp, plain):
+        x.grad = None
+        out = module(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), x.grad, *(p.grad for p in module.parameters())))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)        # the same kernels; only the GELU is recomputed
+    assert set(mlp.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_gelu_mlp_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 3, 4), (6, 4), (6,), (4, 6), (4,)]              # x, w1, b1, w2, b2
+    args = [torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True) for shape in shapes]
+    assert torch.autograd.gradcheck(_GeluMLPFunction.apply, args)
+
+
+def test_gelu_mlp_saves_half_the_hidden_activations():
+    mlp, x = GeluMLP(8, 64), torch.randn(4, 10, 8, requires_grad=True)
+
+    def saved_bytes(module):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x)
+        params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        return sum(n for ptr, n in seen.items() if ptr not in params and ptr != x.untyped_storage().data_ptr())
+
+    hidden = 4 * 10 * 64 * 4
+    assert saved_bytes(_plain_mlp(mlp)) == 2 * hidden and saved_bytes(mlp) == hidden
+
+
+def test_gelu_mlp_under_autocast_and_no_double_backward():
+    mlp, x = GeluMLP(8, 16), torch.randn(2, 3, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlp(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and mlp[0].weight.grad.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in mlp.parameters())
+    (grad,) = torch.autograd.grad(mlp(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):                  # refuses, rather than a silently wrong answer
+        grad.sum().backward()
 
 
 def test_block_shapes():
