@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Idle OpenMP threads sleep instead of spinning: when two multi-threaded processes share the cores
+# (a notebook kernel and a pipeline worker, or another job on a shared machine), spinning threads
+# slowed training steps 5-6x here; passive waiting keeps them near their own speed.
+OMP_WAIT_POLICY ?= PASSIVE
+export OMP_WAIT_POLICY
 
 .PHONY: lab test test-browser setup clean
 
