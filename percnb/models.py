@@ -689,8 +689,8 @@ def image_config(channels: int, height: int, width: int, n_classes: int, **overr
     """A PerceiverConfig for `PerceiverImage` on (channels, height, width) images; any field can be
     overridden. The defaults are the ones the digits notebook trains."""
     fields = dict(input_len=height * width, input_shape=(height, width), input_channels=channels,
-                  input_dim=128, latent_len=32, latent_dim=128, output_len=1, output_dim=128,
-                  ffw_latent=512, ffw_output=512, num_heads=4, num_layers=4, cross_heads=1,
+                  input_dim=96, latent_len=32, latent_dim=96, output_len=1, output_dim=96,
+                  ffw_latent=384, ffw_output=384, num_heads=4, num_layers=4, cross_heads=1,
                   pos_encoding="fourier", fourier_bands=6, decoder_reduction="mean", n_classes=n_classes)
     fields.update(overrides)
     return PerceiverConfig(**fields)
