@@ -22,3 +22,19 @@ def test_quick_start_runs():
     assert blocks, "the Quick start section has no python block"
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_mlm_figures_are_the_checkpoint_reports():
+    """Every figure of the MLM section is read from the JSON files the training script wrote."""
+    import json
+    root = README.parent
+    section = _section("Byte-level masked language model")
+    report = json.loads((root / "checkpoints" / "mlm_bytes.json").read_text())
+    study = json.loads((root / "checkpoints" / "mlm_study.json").read_text())["results"]
+    figures = [report["test_accuracy"], *report["baselines"].values()]
+    figures += [r["val_accuracy"][-1] for r in study.values()]
+    for value in figures:
+        assert f"{value:.3f}" in section, f"{value:.3f} (from the reports) is not in the README's MLM section"
+    assert f"{report['steps']:,} steps" in section and f"{round(report['seconds'] / 60)} min" in section
+    assert f"{report['file_bytes'] / 1e6:.1f} MB" in section and f"{report['parameters']:,} parameters" in section
+    assert report["command"] in section
