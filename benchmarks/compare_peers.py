@@ -1,7 +1,7 @@
 """percnb against the Perceiver peers: train and inference time and peak memory of the same model.
 
     pip install -e ".[bench]"                                  # perceiver-pytorch and transformers
-    python benchmarks/compare_peers.py                         # the README's table (about an hour on 2 cores)
+    python benchmarks/compare_peers.py                         # the README's table (about 25 minutes on 2 cores)
     python benchmarks/compare_peers.py --tiny --libraries percnb   # seconds: a smoke run, not a measurement
 
 The model, built by each library: one cross-attention (1 head) from M inputs of C=64 channels into
