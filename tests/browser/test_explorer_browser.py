@@ -2,7 +2,8 @@
 
 Starts JupyterLab on 127.0.0.1 (random free port, random token) in a temporary folder holding a small
 notebook, runs it, moves the sample and latent controls and checks that the drawn attention image
-changes and that no error appears. Saves screenshots to docs/img/. The server's process group is
+changes and that no error appears; then does the same for a byte-level text model (notebook 04's
+checkpoint) on the decoder layer. Saves screenshots to docs/img/. The server's process group is
 killed and its port checked free at the end, pass or fail. Skipped when Chromium or Playwright is
 missing (`.ci/run` installs Chromium, so CI always runs it).
 """
@@ -39,6 +40,17 @@ NOTEBOOK_CELLS = [
     "fit(model, data.train, epochs=6, batch_size=64, lr=3e-3, progress=False)\n"
     "explorer = AttentionExplorer(model, data.test[0][:8], labels=data.test[1][:8], class_names=data.classes)\n"
     "explorer",
+    # Text: the shipped byte model when the checkpoint is there (it is in the repository), else an untrained one.
+    "from pathlib import Path\n"
+    "from percnb.data.text import ByteMasker, load_text_splits, masked_eval_set\n"
+    "from percnb.models import PerceiverMLM, mlm_config\n"
+    f"checkpoint = Path({str(ROOT / 'checkpoints' / 'mlm_bytes.pt')!r})\n"
+    "text_model = PerceiverMLM.load(checkpoint) if checkpoint.exists() else PerceiverMLM(mlm_config(128, 257))\n"
+    "tokens, targets = masked_eval_set(load_text_splits().test, 128, ByteMasker(), seed=1, max_windows=8)\n"
+    "text_explorer = AttentionExplorer(text_model, tokens)\n"
+    "text_explorer.layer.value = 'decoder'\n"
+    "text_explorer.position.value = int((targets[0] != -100).nonzero()[0])\n"
+    "text_explorer",
 ]
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -95,13 +107,17 @@ def jupyter_lab(tmp_path):
         assert _port_is_free(port), f"port {port} still in use after shutdown"
 
 
-def _image_src(page) -> str:
-    return page.locator(".percnb-attention-explorer img").first.get_attribute("src")
+def _explorer(page, index: int):
+    return page.locator(".percnb-attention-explorer").nth(index)
 
 
-def _set_slider(page, description: str, value: int) -> None:
+def _image_src(page, index: int = 0) -> str:
+    return _explorer(page, index).locator("img").first.get_attribute("src")
+
+
+def _set_slider(page, description: str, value: int, index: int = 0) -> None:
     """Type a value into an ipywidgets 8 slider's editable readout, as a person can."""
-    slider = page.locator(".percnb-attention-explorer .widget-slider", has=page.locator(f"label:text-is('{description}')"))
+    slider = _explorer(page, index).locator(".widget-slider", has=page.locator(f"label:text-is('{description}')"))
     readout = slider.locator(".widget-readout")
     readout.click()
     page.keyboard.press("Control+A")
@@ -109,14 +125,32 @@ def _set_slider(page, description: str, value: int) -> None:
     page.keyboard.press("Enter")
 
 
-def _wait_for_change(page, before: str, timeout: float = 30.0) -> str:
+def _wait_for_change(page, before: str, timeout: float = 30.0, index: int = 0) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        src = _image_src(page)
+        src = _image_src(page, index)
         if src and src != before:
             return src
         time.sleep(0.25)
     raise AssertionError("the attention image did not change")
+
+
+def _run_cell(page, index: int, attempts: int = 3) -> None:
+    """Click into code cell `index` and press Shift+Enter until its prompt shows it queued or ran.
+
+    A keypress sent while JupyterLab is still settling (kernel just started, editor not yet focused)
+    can be lost; the prompt ("[ ]:" before, "[*]:" running, "[1]:" done) tells whether it took.
+    """
+    prompt = page.locator(".jp-CodeCell .jp-InputArea-prompt").nth(index)
+    for _ in range(attempts):
+        page.locator(".jp-Cell .cm-content").nth(index).click()
+        page.keyboard.press("Shift+Enter")
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if prompt.inner_text().strip() not in ("", "[ ]:"):
+                return
+            time.sleep(0.25)
+    raise AssertionError(f"cell {index} did not start after {attempts} Shift+Enter (prompt {prompt.inner_text()!r})")
 
 
 def test_attention_explorer_responds_in_jupyterlab(jupyter_lab):
@@ -129,23 +163,39 @@ def test_attention_explorer_responds_in_jupyterlab(jupyter_lab):
             page.goto(f"{base}/lab/tree/explorer.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-            page.locator(".jp-Cell .cm-content").first.click()
-            page.keyboard.press("Shift+Enter")
+            _run_cell(page, 0)
             page.wait_for_selector(".percnb-attention-explorer img", timeout=150_000)
             first = _image_src(page)
             assert first.startswith(("blob:", "data:image/png")), first[:40]
-            page.locator(".percnb-attention-explorer").screenshot(path=str(SHOTS / "explorer_digit.png"))
+            _explorer(page, 0).screenshot(path=str(SHOTS / "explorer_digit.png"))
 
             _set_slider(page, "sample", 3)
             after_sample = _wait_for_change(page, first)
-            assert "label" in page.locator(".percnb-attention-explorer .widget-html").first.inner_text()
+            assert "label" in _explorer(page, 0).locator(".widget-html").first.inner_text()
 
             _set_slider(page, "latent", 5)
             after_latent = _wait_for_change(page, after_sample)
             assert len({first, after_sample, after_latent}) == 3
-            page.locator(".percnb-attention-explorer").screenshot(path=str(SHOTS / "explorer_digit_latent5.png"))
+            _explorer(page, 0).screenshot(path=str(SHOTS / "explorer_digit_latent5.png"))
+
+            _run_cell(page, 1)                                     # the text cell
+            page.wait_for_selector(".percnb-attention-explorer >> nth=1", timeout=150_000)
+            page.wait_for_function("document.querySelectorAll('.percnb-attention-explorer img').length >= 2",
+                                   timeout=60_000)
+            text_first = _image_src(page, 1)
+            assert "decoder" in _explorer(page, 1).locator(".widget-html").first.inner_text()
+            _explorer(page, 1).scroll_into_view_if_needed()
+            _explorer(page, 1).screenshot(path=str(SHOTS / "explorer_text.png"))
+            _set_slider(page, "sample", 2, index=1)
+            _wait_for_change(page, text_first, index=1)
 
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
             assert errors.count() == 0, errors.first.inner_text()
+        except Exception as error:
+            # Say what the page showed: a screenshot and the notebook's outputs (a traceback, a dead kernel).
+            shot = Path(os.environ.get("TMPDIR", "/tmp")) / "percnb_browser_failure.png"
+            page.screenshot(path=str(shot), full_page=True)
+            outputs = page.locator(".jp-OutputArea-output").all_inner_texts()
+            raise AssertionError(f"{error}\nscreenshot: {shot}\nnotebook outputs: {outputs}") from error
         finally:
             browser.close()
