@@ -142,11 +142,11 @@ class _GeluMLPFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, h, w1, w2 = ctx.saved_tensors
+        x_in, h, w1, w2 = ctx.saved_tensors
         # Under autocast h may be half precision while the weights are float32: compute in h's dtype
         # (autograd casts each gradient back to its input's dtype).
         dtype = h.dtype
-        x, h = x.reshape(-1, x.shape[-1]).to(dtype), h.reshape(-1, h.shape[-1])
+        x, h = x_in.reshape(-1, x_in.shape[-1]).to(dtype), h.reshape(-1, h.shape[-1])
         grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
@@ -157,7 +157,7 @@ class _GeluMLPFunction(torch.autograd.Function):
         if need_x or need_w1 or need_b1:
             grad_h = torch.ops.aten.gelu_backward(grad_out @ w2.to(dtype), h)
             if need_x:
-                grad_x = (grad_h @ w1.to(dtype)).view(ctx.saved_tensors[0].shape)
+                grad_x = (grad_h @ w1.to(dtype)).view(x_in.shape)
             if need_w1:
                 grad_w1 = grad_h.t() @ x
             if need_b1:
