@@ -9,6 +9,12 @@ STAMP := $(VENV)/.installed
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 
+# `make lab PORT=9000 IP=0.0.0.0 TOKEN=...`: where JupyterLab listens (defaults: 127.0.0.1:8888, a new
+# random token each start). scripts/lab.py passes --allow-root only to root and prints the URL to open.
+PORT ?= 8888
+IP ?= 127.0.0.1
+TOKEN ?=
+
 .PHONY: lab test test-browser setup clean
 
 setup: $(STAMP)
@@ -21,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PY) scripts/lab.py --port "$(PORT)" --ip "$(IP)" $(if $(TOKEN),--token "$(TOKEN)")
 
 test: $(STAMP)
 	$(PY) -m pytest tests/ -q
