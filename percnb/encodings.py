@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from . import checks
 from .config import PerceiverConfig
 
 ENCODING_TYPES = ("trainable", "sinusoid", "fourier")
@@ -18,8 +19,8 @@ def sinusoid_encoding(num_positions: int, dim: int) -> torch.Tensor:
 
     Channel 2i is sin(p / 10000^(2i/dim)) and 2i+1 its cos; an odd `dim` drops the last cos.
     """
-    if num_positions < 1 or dim < 1:
-        raise ValueError(f"num_positions and dim must be >= 1, got {num_positions} and {dim}")
+    checks.positive_int("num_positions", num_positions)
+    checks.positive_int("dim", dim)
     position = torch.arange(num_positions, dtype=torch.float64)[:, None]
     inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
     table = torch.zeros(num_positions, dim + dim % 2, dtype=torch.float64)
@@ -40,8 +41,7 @@ def fourier_features(shape: Sequence[int], num_bands: int,
     shape = tuple(int(s) for s in shape)
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"shape must be a non-empty sequence of positive ints, got {shape}")
-    if num_bands < 1:
-        raise ValueError(f"num_bands must be >= 1, got {num_bands}")
+    checks.positive_int("num_bands", num_bands)
     max_resolution = shape if max_resolution is None else tuple(max_resolution)
     if len(max_resolution) != len(shape):
         raise ValueError(f"max_resolution={max_resolution} needs one entry per axis of shape={shape}")
@@ -67,10 +67,8 @@ def build_position_encoding(position_encoding_type: str, config: PerceiverConfig
     """
     if not isinstance(config, PerceiverConfig):
         raise TypeError(f"config must be a PerceiverConfig, got {type(config).__name__}")
-    if position_encoding_type not in ENCODING_TYPES:
-        raise ValueError(f"position_encoding_type must be one of {ENCODING_TYPES}, got {position_encoding_type!r}")
-    if isinstance(num_index_items, bool) or not isinstance(num_index_items, int) or num_index_items < 1:
-        raise ValueError(f"num_index_items must be an int >= 1, got {num_index_items!r}")
+    checks.choice("position_encoding_type", position_encoding_type, ENCODING_TYPES)
+    checks.positive_int("num_index_items", num_index_items)
     if position_encoding_type == "fourier":
         shape = config.input_shape or (num_index_items,)
         if math.prod(shape) != num_index_items:
@@ -79,10 +77,10 @@ def build_position_encoding(position_encoding_type: str, config: PerceiverConfig
         table = fourier_features(shape, config.fourier_bands, config.max_resolution)
         if emb_dim is not None and emb_dim != table.shape[1]:
             raise ValueError(f"emb_dim={emb_dim} but Fourier features of a {len(shape)}-D grid with "
-                             f"{config.fourier_bands} bands have {table.shape[1]} channels; pass None or {table.shape[1]}")
+                             f"{config.fourier_bands} bands have {table.shape[1]} channels; "
+                             f"pass None or {table.shape[1]}")
         return nn.Parameter(table, requires_grad=False)
-    if isinstance(emb_dim, bool) or not isinstance(emb_dim, int) or emb_dim < 1:
-        raise ValueError(f"emb_dim must be an int >= 1 for {position_encoding_type!r}, got {emb_dim!r}")
+    checks.positive_int("emb_dim", emb_dim)
     if position_encoding_type == "trainable":
         return nn.Parameter(torch.randn(num_index_items, emb_dim) * config.pos_init_std)
     return nn.Parameter(sinusoid_encoding(num_index_items, emb_dim), requires_grad=False)

@@ -16,9 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from . import checks
+from .data.text import IGNORE
+
 StepFn = Callable[[nn.Module, Sequence[torch.Tensor]], Tuple[torch.Tensor, int, int]]
 Data = Union[Dataset, DataLoader, Tuple[torch.Tensor, ...]]
-SCHEDULES = ("onecycle", "cosine", "constant")
+LR_SCHEDULES = ("onecycle", "cosine", "constant")
 
 
 def classification_step(model: nn.Module, batch: Sequence[torch.Tensor],
@@ -33,19 +36,19 @@ def classification_step(model: nn.Module, batch: Sequence[torch.Tensor],
 def masked_lm_step(model: nn.Module, batch: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, int, int]:
     """Cross-entropy over the scored positions of an `(inputs, targets)` batch of a `PerceiverMLM`.
 
-    inputs, targets: (batch, seq) long; targets hold IGNORE (-100) where nothing is scored (see
+    inputs, targets: (batch, seq) long; targets hold IGNORE where nothing is scored (see
     `percnb.data.text.ByteMasker`). Only the scored positions are decoded (`positions=`): each row's
     scored positions first, padded with unscored ones to the longest row.
     """
     inputs, targets = batch[0], batch[1]
-    scored = targets != -100
+    scored = targets != IGNORE
     k = max(1, int(scored.sum(1).max()))
     # A stable sort on "not scored" puts each row's scored positions first, in order.
     positions = torch.sort((~scored).to(torch.uint8), dim=1, stable=True).indices[:, :k]
     picked = targets.gather(1, positions)
     logits = model(inputs, positions=positions)
-    loss = F.cross_entropy(logits.flatten(0, 1), picked.flatten(), ignore_index=-100)
-    counted = picked != -100
+    loss = F.cross_entropy(logits.flatten(0, 1), picked.flatten(), ignore_index=IGNORE)
+    counted = picked != IGNORE
     return loss, int(((logits.argmax(-1) == picked) & counted).sum()), int(counted.sum())
 
 
@@ -125,7 +128,7 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
         label_smoothing: float = 0.0, augment: Optional[Callable] = None, step_fn: Optional[StepFn] = None,
         eval_every: Optional[int] = None, max_seconds: Optional[float] = None, seed: int = 0,
         progress: bool = True, device: Optional[Union[str, torch.device]] = None,
-        callback: Optional[Callable[[int, "History"], None]] = None) -> History:
+        callback: Optional[Callable[[int, History], None]] = None) -> History:
     """Train `model` with AdamW and a learning-rate schedule; returns a `History`.
 
     Give `epochs` or `steps` (passes over train_data, or optimizer steps). `warmup` is a fraction
@@ -138,12 +141,10 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
     if (epochs is None) == (steps is None):
         raise ValueError(f"give exactly one of epochs or steps, got epochs={epochs}, steps={steps}")
     for name, value in (("epochs", epochs), ("steps", steps), ("batch_size", batch_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+        if value is not None:
+            checks.positive_int(name, value)
+    checks.choice("schedule", schedule, LR_SCHEDULES)
+    checks.positive_float("lr", lr)
     if step_fn is not None and label_smoothing:
         raise ValueError("label_smoothing applies to the default classification step; "
                          "a custom step_fn handles its own loss")

@@ -34,7 +34,7 @@ class ImageSplits:
         """The value a black (0) pixel has in these tensors: the fill for shifted-in pixels."""
         return -self.pixel_mean / self.pixel_std
 
-    def standardized(self) -> "ImageSplits":
+    def standardized(self) -> ImageSplits:
         """All splits shifted and scaled by the training images' pixel mean and std (one number each).
 
         Why: a Perceiver concatenates each pixel's value to its Fourier position features (values
@@ -131,7 +131,8 @@ class RandomShift:
     def __call__(self, batch):
         images, *rest = batch
         if images.dim() != 4:
-            raise ValueError(f"RandomShift needs images (batch, channels, height, width), got shape {tuple(images.shape)}")
+            raise ValueError(f"RandomShift needs images (batch, channels, height, width), "
+                             f"got shape {tuple(images.shape)}")
         n, _, h, w = images.shape
         s = self.max_shift
         padded = torch.nn.functional.pad(images, (s, s, s, s), value=self.fill)

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .. import checks
+
 BYTES = 256                 # ids 0..255 are the bytes themselves
 MASK_ID = 256               # the [MASK] token
 VOCAB_SIZE = 257            # what a PerceiverMLM over bytes needs as input_num_tokens and n_classes
@@ -123,8 +125,7 @@ class ByteMasker:
                  random_fraction: float = 0.1):
         if not 0 < rate < 1:
             raise ValueError(f"rate must be in (0, 1), got {rate}")
-        if isinstance(span, bool) or not isinstance(span, int) or span < 1:
-            raise ValueError(f"span must be an int >= 1, got {span!r}")
+        checks.positive_int("span", span)
         if not (0 <= mask_fraction and 0 <= random_fraction and mask_fraction + random_fraction <= 1):
             raise ValueError(f"mask_fraction and random_fraction must be >= 0 and sum to at most 1, "
                              f"got {mask_fraction} and {random_fraction}")
@@ -171,8 +172,7 @@ class RandomWindows(Dataset):
     def __init__(self, data: torch.Tensor, seq_len: int, length: int):
         if data.dim() != 1 or len(data) <= seq_len:
             raise ValueError(f"data must be 1-D and longer than seq_len={seq_len}, got shape {tuple(data.shape)}")
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
+        checks.positive_int("length", length)
         self.data, self.seq_len, self.length = data, seq_len, length
 
     def __len__(self) -> int:
