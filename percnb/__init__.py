@@ -1,12 +1,27 @@
-"""percnb: a small, exact, fast Perceiver library and a course of notebooks that teach it."""
-from .config import PerceiverConfig
+"""percnb: a small, exact, fast Perceiver library and a course of notebooks that teach it.
+
+The model is in `percnb.models` (the textbook code) and `percnb.fast` (kernels that compute the same
+thing faster); its settings in `percnb.config`; training in `percnb.train`; pipeline parallelism in
+`percnb.pipeline`; data in `percnb.data`; plots and widgets in `percnb.viz` and `percnb.widgets`.
+"""
+from .config import PerceiverConfig, image_config, mlm_config
 from .encodings import build_position_encoding, fourier_features, sinusoid_encoding
-from .models import (Block, DecoderBlock, Embeddings, EncoderBlock, Perceiver, PerceiverImage, PerceiverMLM,
-                     ProcessorBlock, get_distributed_model, get_sequential_from_config, image_config,
-                     mlm_config)
+from .models import (
+    Block,
+    DecoderBlock,
+    Embeddings,
+    EncoderBlock,
+    Perceiver,
+    PerceiverImage,
+    PerceiverMLM,
+    ProcessorBlock,
+    get_distributed_model,
+    get_sequential_from_config,
+)
 
 __version__ = "0.1.0"
-__all__ = ["PerceiverConfig", "build_position_encoding", "fourier_features", "sinusoid_encoding", "Block",
-           "Embeddings", "EncoderBlock", "ProcessorBlock", "DecoderBlock", "get_sequential_from_config",
-           "Perceiver", "PerceiverImage", "PerceiverMLM", "image_config", "mlm_config",
-           "get_distributed_model"]
+__all__ = [
+    "PerceiverConfig", "build_position_encoding", "fourier_features", "sinusoid_encoding", "Block", "Embeddings",
+    "EncoderBlock", "ProcessorBlock", "DecoderBlock", "get_sequential_from_config", "Perceiver", "PerceiverImage",
+    "PerceiverMLM", "image_config", "mlm_config", "get_distributed_model",
+]

@@ -116,7 +116,8 @@ def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_class
     if predictions.shape != targets.shape:
         raise ValueError(f"predictions and targets must have the same length, got {predictions.numel()} "
                          f"and {targets.numel()}")
-    return torch.bincount(targets * num_classes + predictions, minlength=num_classes ** 2).view(num_classes, num_classes)
+    counts = torch.bincount(targets * num_classes + predictions, minlength=num_classes ** 2)
+    return counts.view(num_classes, num_classes)
 
 
 def plot_confusion(matrix: torch.Tensor, classes: Optional[Sequence[str]] = None, ax=None):
@@ -142,20 +143,15 @@ def plot_pipeline_timeline(events, ax=None, title: Optional[str] = None):
     forward (blue) and backward (orange), numbered by microbatch.
 
     events: one list per stage of (kind, microbatch, unix_time) with kinds forward_start/forward_end/
-    backward_start/backward_end, as recorded by `percnb.pipeline` (`PipelineResult.events[stage][step]`).
+    backward_start/backward_end, as recorded by `percnb.pipeline` (`PipelineResult.events[stage][step]`),
+    paired into boxes by `percnb.pipeline.timeline.phase_boxes`.
     Returns the axes; times are in milliseconds from the first event.
     """
     ax = _axes(ax, figsize=(9, 1 + 0.7 * len(events)))
+    from .pipeline.timeline import phase_boxes
     t0 = min(t for stage in events for _, _, t in stage)
     for row, stage in enumerate(events):
-        marks = {(kind, mb): t for kind, mb, t in stage}
-        for (kind, mb), start in marks.items():
-            if not kind.endswith("_start"):
-                continue
-            phase = kind[:-len("_start")]
-            end = marks.get((phase + "_end", mb))
-            if end is None:
-                continue
+        for phase, mb, start, end in phase_boxes(stage):
             color = "tab:blue" if phase == "forward" else "tab:orange"
             left, width = (start - t0) * 1e3, max((end - start) * 1e3, 1e-3)
             ax.barh(row, width, left=left, height=0.7, color=color, edgecolor="black", linewidth=0.5)

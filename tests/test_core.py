@@ -4,17 +4,30 @@ import math
 import pytest
 import torch
 
+from percnb import fast
 from percnb.config import PerceiverConfig
+from percnb.data.text import IGNORE
 from percnb.encodings import build_position_encoding, fourier_features, sinusoid_encoding
-from percnb.models import (Block, DecoderBlock, Embeddings, EncoderBlock, GeluMLP, Perceiver, PerceiverImage,
-                           PerceiverMLM, ProcessorBlock, _GeluMLPFunction, attention, get_sequential_from_config,
-                           image_config)
+from percnb.models import (
+    Block,
+    DecoderBlock,
+    Embeddings,
+    EncoderBlock,
+    Perceiver,
+    PerceiverImage,
+    PerceiverMLM,
+    ProcessorBlock,
+    attention,
+    get_sequential_from_config,
+    image_config,
+    model_key,
+)
 
 torch.set_num_threads(1)
 
 TINY = dict(input_len=12, input_dim=6, latent_len=4, latent_dim=8, output_len=3, output_dim=8, ffw_latent=16,
             ffw_output=16, num_heads=2, num_layers=2, n_classes=5, seed=0)
-MAX_GAP = 1e-5  # fp32 fused SDPA vs explicit softmax: differences are rounding only
+MAX_GAP = 1e-5  # fp32 fused kernels vs explicit softmax: differences are rounding only
 
 
 def tiny(**changes) -> PerceiverConfig:
@@ -126,174 +139,42 @@ def test_attention_rows_sum_to_one():
 def test_masked_keys_get_zero_weight():
     mask = torch.rand(3, 9, generator=torch.Generator().manual_seed(1)) > 0.4
     mask[:, 0] = True
-    _, weights = attention(*qkv(), key_mask=mask, need_weights=True)
+    _, weights = attention(*qkv(), mask=mask, need_weights=True)
     assert torch.all(weights.masked_select(~mask[:, None, None, :].expand_as(weights)) == 0)
 
 
-@pytest.mark.parametrize("need_weights", [False, True])
-def test_masked_values_cannot_change_output(need_weights):
+def textbook_attention(q, k, v, mask):
+    return attention(q, k, v, mask)[0]
+
+
+@pytest.mark.parametrize("attend", [textbook_attention, fast.attention], ids=["textbook", "fused"])
+def test_masked_values_cannot_change_output(attend):
     q, k, v = qkv()
     mask = torch.ones(3, 9, dtype=torch.bool)
     mask[:, 5:] = False
-    out, _ = attention(q, k, v, mask, need_weights=need_weights)
+    out = attend(q, k, v, mask)
     k2, v2 = k.detach().clone(), v.detach().clone()
     k2[:, :, 5:] += 100.0
     v2[:, :, 5:] -= 100.0
-    out2, _ = attention(q, k2, v2, mask, need_weights=need_weights)
-    assert torch.allclose(out, out2, atol=1e-6)
+    assert torch.allclose(out, attend(q, k2, v2, mask), atol=1e-6)
 
 
-@pytest.mark.parametrize("need_weights", [False, True])
-def test_all_masked_sample_stays_finite(need_weights):
+@pytest.mark.parametrize("attend", [textbook_attention, fast.attention], ids=["textbook", "fused"])
+def test_all_masked_sample_stays_finite(attend):
     q, k, v = qkv()
     mask = torch.ones(3, 9, dtype=torch.bool)
     mask[1] = False
-    out, _ = attention(q, k, v, mask, need_weights=need_weights)
+    out = attend(q, k, v, mask)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.all(out[1] == 0)
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
-@pytest.mark.parametrize("self_attention, masked", [(False, False), (False, True), (True, False)])
-def test_block_fast_path_equals_explicit_path(self_attention, masked):
-    torch.manual_seed(0)
-    kv_dim = 8 if self_attention else 6
-    block = Block(kv_dim, 8, 2, 16, add_residual=True, self_attention=self_attention)
-    q = torch.randn(3, 4, 8, requires_grad=True)
-    kv = q if self_attention else torch.randn(3, 9, kv_dim, requires_grad=True)
-    mask = None
-    if masked:
-        mask = torch.rand(3, 9) > 0.5
-        mask[0] = False                                    # one sample with nothing to attend to
-    results = []
-    for need in (False, True):
-        block.zero_grad()
-        for t in (q, kv):
-            t.grad = None
-        out, weights = block(kv, q, mask, need_weights=need)
-        assert (weights is None) != need
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        grads = [p.grad.clone() for p in block.parameters()] + [q.grad.clone()]
-        if not self_attention:
-            grads.append(kv.grad.clone())
-        results.append((out.detach(), grads))
-    (out_fast, grads_fast), (out_slow, grads_slow) = results
-    assert torch.allclose(out_fast, out_slow, atol=MAX_GAP)
-    for a, b in zip(grads_fast, grads_slow):
-        assert torch.allclose(a, b, atol=MAX_GAP)
-
-
-@pytest.mark.parametrize("kv_dim, heads, masked", [(3, 1, False), (3, 2, True), (12, 1, True)])
-def test_input_space_cross_attention_equals_projected(kv_dim, heads, masked):
-    # Inputs narrower than a head (the Perceiver encoder's case) take the input-space path; the
-    # explicit path projects keys and values. Outputs and every gradient must agree.
-    torch.manual_seed(0)
-    block = Block(kv_dim, 16, heads, 32, add_residual=True)
-    assert block._input_space_is_cheaper(4, 40) == (kv_dim * heads < 16)
-    q, kv = torch.randn(3, 4, 16, requires_grad=True), torch.randn(3, 40, kv_dim, requires_grad=True)
-    mask = None
-    if masked:
-        mask = torch.rand(3, 40) > 0.5
-        mask[1] = False                                    # nothing to attend to: zero output, b_v included
-    results = []
-    for need in (False, True):
-        block.zero_grad()
-        q.grad = kv.grad = None
-        out, _ = block(kv, q, mask, need_weights=need)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        results.append([out.detach(), q.grad, kv.grad] + [p.grad for p in block.parameters()])
-    for name, a, b in zip(["out", "q.grad", "kv.grad"] + [n for n, _ in block.named_parameters()], *results):
-        assert torch.allclose(a, b, atol=MAX_GAP), name
-
-
-def test_input_space_cross_attention_gradcheck():
-    torch.manual_seed(0)
-    block = Block(2, 8, 2, 8, add_residual=True).double()
-    assert block._input_space_is_cheaper(3, 5)
-    q, kv = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 5, 2, dtype=torch.float64, requires_grad=True)
-    mask = torch.tensor([[True, False, True, True, False], [False] * 5])
-    assert torch.autograd.gradcheck(lambda x, lat: block(x, lat, mask)[0], (kv, q.requires_grad_()))
-
-
-def test_dropout_keeps_the_projected_path_in_training():
-    # Dropped attention weights no longer sum to 1, so b_v would not pass through: training with
-    # dropout uses the projected path; eval (no dropout) may use the input space and must agree.
-    torch.manual_seed(0)
-    block = Block(3, 16, 1, 32, dropout=0.5, add_residual=True)
-    q, kv = torch.randn(2, 4, 16), torch.randn(2, 20, 3)
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        train_fast, _ = block(kv, q)
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        qh = block._heads(block.q(block.ln_q(q)), 1)[0]
-        k, v = block._heads(block.kv(block.ln_kv(kv)), 2)
-        reference, _ = attention(qh, k, v, dropout_p=0.5)
-        reference = block.drop(block.proj(reference.transpose(1, 2).flatten(2))) + q
-        reference = reference + block.mlp(block.ln_mlp(reference))
-    assert torch.allclose(train_fast, reference, atol=MAX_GAP)
-    block.eval()
-    assert torch.allclose(block(kv, q)[0], block(kv, q, need_weights=True)[0], atol=MAX_GAP)
-
-
-def _plain_mlp(mlp: GeluMLP) -> torch.nn.Sequential:
-    plain = torch.nn.Sequential(torch.nn.Linear(mlp[0].in_features, mlp[0].out_features), torch.nn.GELU(),
-                                torch.nn.Linear(mlp[2].in_features, mlp[2].out_features))
-    plain.load_state_dict(mlp.state_dict(), strict=False)
-    return plain.to(mlp[0].weight.dtype)
-
-
-def test_gelu_mlp_equals_the_plain_sequential():
-    torch.manual_seed(0)
-    mlp = GeluMLP(8, 24)
-    plain = _plain_mlp(mlp)
-    x = torch.randn(3, 5, 8, requires_grad=True)
-    grads = []
-    for module in (mlp, plain):
-        x.grad = None
-        out = module(x)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        grads.append((out.detach(), x.grad, *(p.grad for p in module.parameters())))
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-6)        # the same kernels; only the GELU is recomputed
-    assert set(mlp.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
-
-
-def test_gelu_mlp_gradcheck():
-    g = torch.Generator().manual_seed(0)
-    shapes = [(2, 3, 4), (6, 4), (6,), (4, 6), (4,)]              # x, w1, b1, w2, b2
-    args = [torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True) for shape in shapes]
-    assert torch.autograd.gradcheck(_GeluMLPFunction.apply, args)
-
-
-def test_gelu_mlp_saves_half_the_hidden_activations():
-    mlp, x = GeluMLP(8, 64), torch.randn(4, 10, 8, requires_grad=True)
-
-    def saved_bytes(module):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module(x)
-        params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-        return sum(n for ptr, n in seen.items() if ptr not in params and ptr != x.untyped_storage().data_ptr())
-
-    hidden = 4 * 10 * 64 * 4
-    assert saved_bytes(_plain_mlp(mlp)) == 2 * hidden and saved_bytes(mlp) == hidden
-
-
-def test_gelu_mlp_under_autocast_and_no_double_backward():
-    mlp, x = GeluMLP(8, 16), torch.randn(2, 3, 8, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = mlp(x)
-    out.float().sum().backward()
-    assert out.dtype == torch.bfloat16 and mlp[0].weight.grad.dtype == torch.float32
-    assert all(torch.isfinite(p.grad).all() for p in mlp.parameters())
-    (grad,) = torch.autograd.grad(mlp(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):                  # refuses, rather than a silently wrong answer
-        grad.sum().backward()
+def test_all_masked_sample_gets_zero_weights():
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1] = False
+    _, weights = attention(*qkv(), mask=mask, need_weights=True)
+    assert torch.all(weights[1] == 0) and torch.allclose(weights[0].sum(-1), torch.ones(2, 4))
 
 
 def test_block_shapes():
@@ -305,6 +186,21 @@ def test_block_shapes():
 def test_block_rejects_indivisible_heads():
     with pytest.raises(ValueError, match="q_dim=10 is not divisible by num_heads=4"):
         Block(6, 10, 4, 16)
+
+
+@pytest.mark.parametrize("kv, q, mask, message", [
+    (torch.randn(2, 11, 6), torch.randn(2, 3, 7), None, r"q must have shape \(batch, q_len, 8\), got shape \(2, 3, 7"),
+    (torch.randn(2, 11, 5), torch.randn(2, 3, 8), None, r"kv must have shape \(2, kv_len, 6\), got shape \(2, 11, 5\)"),
+    (torch.randn(3, 11, 6), torch.randn(2, 3, 8), None, r"kv must have shape \(2, kv_len, 6\), got shape \(3, 11, 6\)"),
+    (torch.randn(2, 11, 6), torch.randn(3, 8), None, r"q must have shape \(batch, q_len, 8\), got shape \(3, 8\)"),
+    (torch.randn(2, 11, 6), torch.randn(2, 3, 8), torch.ones(2, 10, dtype=torch.bool),
+     r"attn_mask must have shape \(batch, input_len\) = \(2, 11\), got shape \(2, 10\)"),
+])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_block_names_the_argument_whose_shape_is_wrong(kv, q, mask, message, need_weights):
+    block = Block(kv_dim=6, q_dim=8, num_heads=2, ffw_dim=16)
+    with pytest.raises(ValueError, match=message):
+        block(kv, q, mask, need_weights=need_weights)
 
 
 # --------------------------------------------------------------------------- sequential blocks
@@ -328,6 +224,26 @@ def test_sequential_runs_as_nn_sequential():
     logits, att = seq(torch.randn(2, 12, 6))
     assert logits.shape == (2, 5) and att is None
     assert len(seq) == config.num_layers + 3
+
+
+@pytest.mark.parametrize("config", [
+    tiny(), tiny(share_weights=True, num_layers=3), tiny(decoder_type="latent_pool"),
+    tokens_config(pos_encoding="sinusoid", latents_from_inputs=True, input_dim=8, queries_from_latents=True,
+                  decoder_residual=True),
+    image_config(2, 4, 3, 5, input_dim=8, latent_dim=8, output_dim=8, num_heads=2, num_layers=1)])
+def test_sequential_pieces_hold_the_models_weights_and_compute_its_logits(config):
+    model, sequential = Perceiver(config).eval(), get_sequential_from_config(config).eval()
+    state = {model_key(k): v for k, v in sequential.state_dict().items()}
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    g = torch.Generator().manual_seed(0)
+    if config.input_type == "tokens":
+        x = torch.randint(0, config.input_num_tokens, (3, config.input_len), generator=g)
+    else:
+        x = torch.randn(3, config.input_len, config.input_channels or config.input_dim, generator=g)
+    mask = torch.rand(3, config.input_len, generator=g) > 0.3
+    logits, _ = sequential((x, mask))
+    assert torch.equal(logits, model(x, mask))
 
 
 def test_subset_of_modules_has_the_full_models_weights():
@@ -458,9 +374,8 @@ def test_init_does_not_touch_global_rng():
 def test_weight_sharing_reuses_one_processor():
     shared = Perceiver(tiny(share_weights=True, num_layers=4))
     separate = Perceiver(tiny(num_layers=4))
-    blocks = [getattr(shared.model, f"processor_{i}") for i in range(4)]
-    assert len(shared.model) == 4 + 3
-    assert all(b is blocks[0] for b in blocks)
+    blocks = list(shared.processors)
+    assert len(blocks) == 4 and all(b is blocks[0] for b in blocks)
     per_block = sum(p.numel() for p in blocks[0].parameters())
     assert separate.num_parameters() - shared.num_parameters() == 3 * per_block
 
@@ -581,7 +496,7 @@ def test_latent_pool_decoder_pools_the_latents():
     model = Perceiver(config).eval()
     logits, maps = model(torch.randn(2, 12, 6), return_attentions=True)
     assert logits.shape == (2, 5) and len(maps) == 1 + config.num_layers   # no decoder map
-    assert model.model.embeddings.output_array is None
+    assert model.queries is None and model.decoder is None
     with pytest.raises(ValueError, match="output_array .* needs decoder_type='attention'"):
         model(torch.randn(2, 12, 6), output_array=torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match="decoder_type='latent_pool' pools the latents"):
@@ -649,14 +564,14 @@ def test_masked_lm_step_scores_only_masked_positions():
     from percnb.train import masked_lm_step
     model = PerceiverMLM(tokens_config()).eval()
     tokens = torch.randint(0, 20, (4, 12))
-    targets = torch.full_like(tokens, -100)
+    targets = torch.full_like(tokens, IGNORE)
     targets[0, [1, 4]] = tokens[0, [1, 4]]
     targets[2, 7] = 3
     loss, correct, counted = masked_lm_step(model, (tokens, targets))
     full = model(tokens)
-    expected = torch.nn.functional.cross_entropy(full.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    expected = torch.nn.functional.cross_entropy(full.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
     assert counted == 3 and torch.allclose(loss, expected, atol=1e-5)
-    assert correct == int(((full.argmax(-1) == targets) & (targets != -100)).sum())
+    assert correct == int(((full.argmax(-1) == targets) & (targets != IGNORE)).sum())
 
 
 def test_half_precision_save_is_half_the_size_and_loads_the_rounded_model(tmp_path):
@@ -676,13 +591,12 @@ def test_queries_from_latents_add_each_querys_window_latent():
     config = tokens_config(queries_from_latents=True, decoder_residual=True, latent_len=4)
     model = PerceiverMLM(config).eval()
     tokens = torch.randint(0, 20, (2, 12))
-    blocks = list(model.model)
-    h = blocks[0](tokens)
-    latents, queries, _ = blocks[1](*h)
-    for block in blocks[2:-1]:
-        latents, queries, _ = block(latents, queries, None)
-    expected, _ = blocks[-1].block(latents, queries + latents.repeat_interleave(3, dim=1))
-    expected = blocks[-1].projection(expected)
+    x, _ = model.embed(tokens)
+    latents, _ = model.encoder(x, model.latents.expand(2, -1, -1))
+    for block in model.processors:
+        latents, _ = block(latents, latents)
+    expected, _ = model.decoder(latents, model.queries.expand(2, -1, -1) + latents.repeat_interleave(3, dim=1))
+    expected = model.head(expected)
     assert torch.allclose(model(tokens), expected, atol=1e-5)
     positions = torch.tensor([[11, 0], [4, 5]])
     picked = model(tokens, positions=positions)

@@ -13,9 +13,20 @@ import torch.multiprocessing as mp
 
 from percnb.config import PerceiverConfig
 from percnb.models import Perceiver
-from percnb.pipeline import (INIT_TIMEOUT, PipelineJob, StageModule, balanced_split, choose_backend, idle_fractions,
-                             microbatches_in_flight, module_parameter_counts, plan_pipeline, reference_step,
-                             run_pipeline, run_pipelines)
+from percnb.pipeline import (
+    INIT_TIMEOUT,
+    PipelineJob,
+    StageModule,
+    balanced_split,
+    choose_backend,
+    idle_fractions,
+    microbatches_in_flight,
+    module_parameter_counts,
+    plan_pipeline,
+    reference_step,
+    run_pipeline,
+    run_pipelines,
+)
 
 RELATIVE = 1e-5  # fp32 sums in another order across microbatches: rounding only
 
@@ -119,6 +130,14 @@ def test_idle_fractions_from_a_constructed_timeline():
     assert microbatches_in_flight(events[0]) == 1
 
 
+def test_a_stage_holds_its_entries_of_the_models_state_dict():
+    plan = plan_pipeline(config(), 2, split_points=[0, 3])
+    full = Perceiver(config()).state_dict()
+    stages = [StageModule(plan, s).model_state_dict() for s in range(2)]
+    assert sorted(stages[0].keys() | stages[1].keys()) == sorted(full) and not stages[0].keys() & stages[1].keys()
+    assert all(torch.equal(value, full[key]) for stage in stages for key, value in stage.items())
+
+
 def test_each_rank_builds_about_its_share_of_parameters(runs):
     counts = runs["2 stages 1f1b"].stage_parameters
     total = Perceiver(config()).num_parameters()
@@ -133,8 +152,9 @@ def test_each_rank_builds_about_its_share_of_parameters(runs):
 def test_balanced_split_minimises_the_largest_stage():
     assert balanced_split([1, 10, 10, 10, 10, 1], 2) == [0, 3]
     assert balanced_split([5, 5, 5], 3) == [0, 1, 2]
-    assert module_parameter_counts(config()) == [sum(p.numel() for p in m.parameters())
-                                                 for m in Perceiver(config()).model]
+    counts = module_parameter_counts(config())
+    assert len(counts) == 3 + 3 and sum(counts) == Perceiver(config()).num_parameters()
+    assert counts[2] == sum(p.numel() for p in Perceiver(config()).processors[0].parameters())
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -195,12 +215,12 @@ def test_backend_choice(monkeypatch):
 
 
 def test_nccl_binds_each_process_to_its_gpu_before_init(monkeypatch):
-    from percnb import pipeline
+    from percnb.pipeline import launch
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
-    monkeypatch.setattr(pipeline.dist, "init_process_group",
+    monkeypatch.setattr(launch.dist, "init_process_group",
                         lambda backend, **kw: calls.append(("init", backend, kw["device_id"], kw["timeout"])))
-    pipeline.init_process_group("nccl", torch.device("cuda", 1), rank=1, world_size=2)
+    launch.init_process_group("nccl", torch.device("cuda", 1), rank=1, world_size=2)
     assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl", torch.device("cuda", 1), INIT_TIMEOUT)]
 
 

@@ -1,3 +1,6 @@
 """Offline-first data: real images (`percnb.data.images`) and real text (`percnb.data.text`)."""
 from .images import ImageSplits, RandomShift, load_digits_splits, load_torchvision_splits
 from .text import ByteMasker, RandomWindows, TextSplits, load_text_splits, masked_eval_set
+
+__all__ = ["ImageSplits", "RandomShift", "load_digits_splits", "load_torchvision_splits", "ByteMasker", "RandomWindows",
+           "TextSplits", "load_text_splits", "masked_eval_set"]

@@ -20,8 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from percnb.pipeline import free_port
+from helpers import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,14 +43,14 @@ NOTEBOOK_CELLS = [
     "explorer",
     # Text: the shipped byte model when the checkpoint is there (it is in the repository), else an untrained one.
     "from pathlib import Path\n"
-    "from percnb.data.text import ByteMasker, load_text_splits, masked_eval_set\n"
+    "from percnb.data.text import IGNORE, ByteMasker, load_text_splits, masked_eval_set\n"
     "from percnb.models import PerceiverMLM, mlm_config\n"
     f"checkpoint = Path({str(ROOT / 'checkpoints' / 'mlm_bytes.pt')!r})\n"
     "text_model = PerceiverMLM.load(checkpoint) if checkpoint.exists() else PerceiverMLM(mlm_config(128, 257))\n"
     "tokens, targets = masked_eval_set(load_text_splits().test, 128, ByteMasker(), seed=1, max_windows=8)\n"
     "text_explorer = AttentionExplorer(text_model, tokens)\n"
     "text_explorer.layer.value = 'decoder'\n"
-    "text_explorer.position.value = int((targets[0] != -100).nonzero()[0])\n"
+    "text_explorer.position.value = int((targets[0] != IGNORE).nonzero()[0])\n"
     "text_explorer",
 ]
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -89,7 +88,8 @@ def jupyter_lab(tmp_path):
                 break
             except OSError:
                 if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"JupyterLab did not start: {(tmp_path / 'jupyter.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"JupyterLab did not start: {(tmp_path / 'jupyter.log').read_text()[-2000:]}"
+                                       ) from None
                 time.sleep(0.5)
         yield base, token
     finally:
