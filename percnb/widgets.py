@@ -7,6 +7,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .data.text import BYTES
 from .models import Perceiver
 
 MEAN = "mean"
@@ -26,8 +27,8 @@ def _render_png(draw: Callable, figsize: Tuple[float, float]) -> bytes:
 
 
 def _byte_label(token: int) -> str:
-    """A printable label for a byte id; ids past 255 (e.g. a [MASK] id) show as a box."""
-    return repr(chr(token))[1:-1] if token < 256 else "▯"
+    """A printable label for a byte id; ids past the bytes (e.g. a [MASK] id) show as a box."""
+    return repr(chr(token))[1:-1] if token < BYTES else "▯"
 
 
 class AttentionExplorer:
@@ -63,6 +64,7 @@ class AttentionExplorer:
         self.class_names, self.top_k = class_names, top_k
         self.token_labels = token_labels or _byte_label
         self._cache: Dict[int, Tuple[torch.Tensor, List[torch.Tensor]]] = {}
+        self._choosing_heads = False
         logits, maps = self._outputs(0)
         has_decoder = model.config.decoder_type == "attention"   # a pooling head has no attention map
         self.num_latents, self.num_layers = maps[0].shape[1], len(maps) - 1 - has_decoder
@@ -73,7 +75,8 @@ class AttentionExplorer:
         self.sample = w.IntSlider(0, 0, len(inputs) - 1, description="sample", style=style, continuous_update=False)
         self.layer = w.Dropdown(options=layers, value="encoder", description="layer", style=style)
         self.head = w.Dropdown(options=[MEAN], value=MEAN, description="head", style=style)
-        self.latent = w.IntSlider(0, 0, self.num_latents - 1, description="latent", style=style, continuous_update=False)
+        self.latent = w.IntSlider(0, 0, self.num_latents - 1, description="latent", style=style,
+                                  continuous_update=False)
         self.mean_latents = w.Checkbox(False, description="average latents", style=style)
         self.position = w.IntSlider(0, 0, max(0, logits.shape[0] - 1) if self.per_position else 0,
                                     description="position", style=style, continuous_update=False,
@@ -98,17 +101,21 @@ class AttentionExplorer:
     def _heads(self, attn: torch.Tensor) -> torch.Tensor:
         return attn.mean(0) if self.head.value == MEAN else attn[int(self.head.value)]
 
-    def attention_row(self) -> torch.Tensor:
-        """The attention over input positions that is drawn now: (input_len,)."""
+    def layer_map(self) -> torch.Tensor:
+        """The chosen layer's attention weights for the current sample: (heads, queries, keys)."""
         _, maps = self._outputs(self.sample.value)
-        cross = maps[0]                                              # (heads, latents, inputs)
         layer = self.layer.value
         if layer == "encoder":
-            rows = self._heads(cross)
-        else:
-            attn = maps[-1] if layer == "decoder" else maps[1 + int(layer.split()[1])]
-            rows = self._heads(attn) @ cross.mean(0)                 # rollout through the encoder
-        if layer == "decoder":
+            return maps[0]
+        return maps[-1] if layer == "decoder" else maps[1 + int(layer.split()[1])]
+
+    def attention_row(self) -> torch.Tensor:
+        """The attention over input positions that is drawn now: (input_len,)."""
+        cross = self._outputs(self.sample.value)[1][0]               # (heads, latents, inputs)
+        rows = self._heads(self.layer_map())
+        if self.layer.value != "encoder":
+            rows = rows @ cross.mean(0)                              # rollout through the encoder
+        if self.layer.value == "decoder":
             return rows[self.position.value if self.per_position else 0]
         return rows.mean(0) if self.mean_latents.value else rows[self.latent.value]
 
@@ -126,10 +133,17 @@ class AttentionExplorer:
 
     # ---------------------------------------------------------------- drawing
     def _update(self, change=None) -> None:
-        attn = self._outputs(self.sample.value)[1][0 if self.layer.value != "decoder" else -1]
-        heads = [MEAN] + list(range(attn.shape[0]))
+        if self._choosing_heads:              # the head dropdown is being refilled below: draw once, after
+            return
+        heads = [MEAN] + list(range(self.layer_map().shape[0]))     # this layer's heads
         if list(self.head.options) != heads:
-            self.head.options = heads
+            keep = self.head.value if self.head.value in heads else MEAN
+            self._choosing_heads = True
+            try:
+                self.head.options = heads
+                self.head.value = keep
+            finally:
+                self._choosing_heads = False
         self.latent.disabled = self.mean_latents.value or self.layer.value == "decoder"
         data, probs = self.image_data(), self.probabilities()
         self.image.value = _render_png(lambda fig: self._draw(fig, data, probs), (7.5, 3.0))
@@ -165,7 +179,7 @@ class AttentionExplorer:
                           fontsize=6, color="cyan")
             left.set_xticks([])
             left.set_yticks([])
-        what = "position %d" % self.position.value if self.layer.value == "decoder" and self.per_position else (
+        what = f"position {self.position.value}" if self.layer.value == "decoder" and self.per_position else (
             "all latents" if self.mean_latents.value else f"latent {self.latent.value}")
         left.set_title(f"{self.layer.value}: {what}", fontsize=9)
         top = probs.topk(min(self.top_k, probs.numel()))

@@ -84,3 +84,21 @@ def test_explorer_with_a_pooling_head_has_no_decoder_layer():
     assert list(explorer.layer.options) == ["encoder", "processor 0", "processor 1"]
     explorer.layer.value = "processor 1"
     assert explorer.image_data().sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_each_layer_offers_its_own_heads():
+    # image_config's defaults: 1 cross-attention head, 4 latent heads
+    model = PerceiverImage(image_config(1, 8, 8, 10, input_dim=16, latent_len=4, latent_dim=16, output_dim=16,
+                                        ffw_latent=32, ffw_output=32, num_layers=2))
+    explorer = AttentionExplorer(model, torch.rand(2, 1, 8, 8))
+    assert list(explorer.head.options) == ["mean", 0]
+    explorer.layer.value = "processor 1"
+    assert list(explorer.head.options) == ["mean", 0, 1, 2, 3]
+    maps = {}
+    for head in range(4):
+        explorer.head.value = head
+        maps[head] = explorer.image_data().copy()
+    assert not np.allclose(maps[3], maps[0]) and explorer.caption.value.endswith("head 3")
+    explorer.layer.value = "decoder"                      # 1 head: head 3 is not there, the mean is shown
+    assert list(explorer.head.options) == ["mean", 0] and explorer.head.value == "mean"
+    assert explorer.image_data().sum() == pytest.approx(1.0, abs=1e-5)
