@@ -15,7 +15,7 @@ PORT ?= 8888
 IP ?= 127.0.0.1
 TOKEN ?=
 
-.PHONY: lab test test-browser setup clean
+.PHONY: lab lint test test-browser setup clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,11 @@ $(STAMP): pyproject.toml constraints.txt
 lab: $(STAMP)
 	$(PY) scripts/lab.py --port "$(PORT)" --ip "$(IP)" $(if $(TOKEN),--token "$(TOKEN)")
 
-test: $(STAMP)
+# ruff, configured in pyproject.toml; `make test` runs it first
+lint: $(STAMP)
+	$(PY) -m ruff check percnb tests scripts benchmarks
+
+test: lint
 	$(PY) -m pytest tests/ -q
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
 		$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks/ -q; \

@@ -23,8 +23,17 @@ from pathlib import Path
 
 import torch
 
-from percnb.data.text import (VOCAB_SIZE, ByteMasker, RandomWindows, load_text_splits, masked_accuracy,
-                              masked_eval_set, fixed_windows, neighbour_predict, unigram_predict)
+from percnb.data.text import (
+    VOCAB_SIZE,
+    ByteMasker,
+    RandomWindows,
+    fixed_windows,
+    load_text_splits,
+    masked_accuracy,
+    masked_eval_set,
+    neighbour_predict,
+    unigram_predict,
+)
 from percnb.models import PerceiverMLM, mlm_config
 from percnb.train import evaluate, fit, masked_lm_step
 

@@ -7,7 +7,6 @@ from percnb.data import RandomShift, load_digits_splits, load_torchvision_splits
 from percnb.data.images import _stratified_split
 
 
-
 def test_digits_split_is_fixed_by_seed_and_in_unit_range():
     a, b, c = load_digits_splits(seed=0), load_digits_splits(seed=0), load_digits_splits(seed=1)
     assert torch.equal(a.test[0], b.test[0]) and torch.equal(a.train[1], b.train[1])

@@ -2,9 +2,20 @@
 import pytest
 import torch
 
-from percnb.data.text import (IGNORE, MASK_ID, ByteMasker, RandomWindows, decode, encode, fixed_windows,
-                              load_text_splits, masked_accuracy, masked_eval_set, neighbour_predict,
-                              unigram_predict)
+from percnb.data.text import (
+    IGNORE,
+    MASK_ID,
+    ByteMasker,
+    RandomWindows,
+    decode,
+    encode,
+    fixed_windows,
+    load_text_splits,
+    masked_accuracy,
+    masked_eval_set,
+    neighbour_predict,
+    unigram_predict,
+)
 
 
 @pytest.fixture(scope="module")

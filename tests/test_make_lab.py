@@ -44,7 +44,8 @@ def _get(url: str, token: str):
 def test_make_lab_serves_the_notebooks_and_stops():
     port, token = free_port(), secrets.token_hex(16)
     process = subprocess.Popen(["make", "--no-print-directory", "lab", f"PORT={port}", f"TOKEN={token}"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     try:
         deadline, listing, last_error = time.monotonic() + START_TIMEOUT, None, None
         while time.monotonic() < deadline and process.poll() is None:

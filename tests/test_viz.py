@@ -10,7 +10,6 @@ from percnb.train import History  # noqa: E402
 from percnb.viz import confusion_matrix, cross_attention_map, plot_attention, plot_confusion, plot_history  # noqa: E402
 
 
-
 def test_confusion_matrix_counts():
     m = confusion_matrix(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3)
     assert m.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
