@@ -66,13 +66,14 @@ def describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def shape(name: str, value: Any, expected: Sequence[Union[int, str, None]]) -> torch.Tensor:
-    """`value` as a tensor of the `expected` shape: ints must match, a str or None is any size
-    (a str names the axis in the message), e.g. shape("q", q, ("batch", "q_len", 8))."""
-    wanted = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+def shape(name: str, value: Any, expected: Sequence[Union[str, Tuple[str, int]]]) -> torch.Tensor:
+    """`value` as a tensor of the `expected` shape, one entry per axis: a name (any size) or a
+    (name, size) pair (that size), e.g. shape("q", q, ("batch", "q_len", ("q_dim", 8)))."""
+    sizes = [e[1] if isinstance(e, tuple) else None for e in expected]
+    wanted = "(" + ", ".join(f"{e[0]}={e[1]}" if isinstance(e, tuple) else e for e in expected) + ")"
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {wanted}, got {describe(value)}")
-    if value.dim() != len(expected) or any(isinstance(e, int) and s != e for s, e in zip(value.shape, expected)):
+    if value.dim() != len(expected) or any(n is not None and s != n for s, n in zip(value.shape, sizes)):
         raise ValueError(f"{name} must have shape {wanted}, got {describe(value)}")
     return value
 

@@ -129,13 +129,13 @@ class Block(nn.Module):
 
     def check(self, kv, q, attn_mask) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Raise a ValueError naming the argument whose shape does not fit; return (kv, the mask as bool)."""
-        checks.shape("q", q, ("batch", "q_len", self.q_dim))
+        checks.shape("q", q, ("batch", "q_len", ("q_dim", self.q_dim)))
         if self.self_attention:
             if kv is not None and kv is not q:
                 raise ValueError("a self-attention Block reads its own input: pass kv=q (the same tensor) or kv=None")
             kv = q
         else:
-            checks.shape("kv", kv, (len(q), "kv_len", self.kv_dim))
+            checks.shape("kv", kv, (("batch", len(q)), "kv_len", ("kv_dim", self.kv_dim)))
         if attn_mask is not None:
             attn_mask = checks.attention_mask(attn_mask, len(q), kv.shape[1], name="attn_mask")
         return kv, attn_mask

@@ -188,11 +188,14 @@ def test_block_rejects_indivisible_heads():
         Block(6, 10, 4, 16)
 
 
+Q_SHAPE, KV_SHAPE = r"q must have shape \(batch, q_len, q_dim=8\)", r"kv must have shape \(batch=2, kv_len, kv_dim=6\)"
+
+
 @pytest.mark.parametrize("kv, q, mask, message", [
-    (torch.randn(2, 11, 6), torch.randn(2, 3, 7), None, r"q must have shape \(batch, q_len, 8\), got shape \(2, 3, 7"),
-    (torch.randn(2, 11, 5), torch.randn(2, 3, 8), None, r"kv must have shape \(2, kv_len, 6\), got shape \(2, 11, 5\)"),
-    (torch.randn(3, 11, 6), torch.randn(2, 3, 8), None, r"kv must have shape \(2, kv_len, 6\), got shape \(3, 11, 6\)"),
-    (torch.randn(2, 11, 6), torch.randn(3, 8), None, r"q must have shape \(batch, q_len, 8\), got shape \(3, 8\)"),
+    (torch.randn(2, 11, 6), torch.randn(2, 3, 7), None, Q_SHAPE + r", got shape \(2, 3, 7\)"),         # q too wide
+    (torch.randn(2, 11, 6), torch.randn(3, 8), None, Q_SHAPE + r", got shape \(3, 8\)"),               # no batch axis
+    (torch.randn(2, 11, 5), torch.randn(2, 3, 8), None, KV_SHAPE + r", got shape \(2, 11, 5\)"),      # kv too narrow
+    (torch.randn(3, 11, 6), torch.randn(2, 3, 8), None, KV_SHAPE + r", got shape \(3, 11, 6\)"),      # other batch
     (torch.randn(2, 11, 6), torch.randn(2, 3, 8), torch.ones(2, 10, dtype=torch.bool),
      r"attn_mask must have shape \(batch, input_len\) = \(2, 11\), got shape \(2, 10\)"),
 ])
