@@ -213,13 +213,16 @@ def test_the_switch_decides_which_code_runs(monkeypatch):
        self_attention=st.booleans(), seed=st.integers(0, 2**16))
 def test_fast_block_equals_textbook_block_for_any_shape(kv_dim, heads, head_dim, q_len, kv_len, batch, masked,
                                                        self_attention, seed):
-    # whichever kernel the cost rule picks, and whatever the mask (samples with no key included)
+    # whichever kernel the cost rule picks, and whatever the mask (samples with no key included); in float64,
+    # because a LayerNorm over 1 or 2 channels amplifies float32 rounding past any fixed tolerance
     torch.manual_seed(seed)
     q_dim = heads * head_dim
     block = Block(q_dim if self_attention else kv_dim, q_dim, heads, 2 * q_dim, add_residual=seed % 2 == 0,
-                  self_attention=self_attention)
-    q = torch.randn(batch, q_len, q_dim, requires_grad=True)
-    kv = q if self_attention else torch.randn(batch, kv_len, kv_dim, requires_grad=True)
+                  self_attention=self_attention).double()
+    q = torch.randn(batch, q_len, q_dim, dtype=torch.float64, requires_grad=True)
+    kv = q if self_attention else torch.randn(batch, kv_len, kv_dim, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(batch, kv.shape[1]) > 0.5 if masked else None
+    results = [block_results(block, kv, q, mask, use_fast) for use_fast in (True, False)]
     names = ["out", "q.grad"] + ([] if self_attention else ["kv.grad"]) + [n for n, _ in block.named_parameters()]
-    assert_all_close(block_results(block, kv, q, mask, True), block_results(block, kv, q, mask, False), names)
+    for name, a, b in zip(names, *results):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), (name, (a - b).abs().max().item())
