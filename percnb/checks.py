@@ -4,18 +4,20 @@ message that says how to fix it (never deep inside torch, never as a silent wron
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
 
 def int_at_least(name: str, value: Any, minimum: int = 1) -> int:
-    """`value` as an int >= minimum. bool is an int subclass, but True as a size is always a bug."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """`value` as an int >= minimum (numpy ints too). bool is an int subclass, but True as a size is
+    always a bug."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -28,6 +30,29 @@ def positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
     return float(value)
+
+
+def real(name: str, value: Any, *, minimum: float, strict: bool, maximum: float = math.inf,
+         hint: str = "") -> float:
+    """`value` as a finite real number in (minimum, maximum) (strict) or [minimum, maximum). NaN fails
+    every comparison and inf is below no maximum, so both are refused. `hint` (appended to the
+    message) says what the setting means or what to do."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    if not ((value > minimum if strict else value >= minimum) and value < maximum):
+        if maximum == math.inf:
+            bounds = f"{'>' if strict else '>='} {minimum:g}"
+        else:
+            bounds = f"in {'(' if strict else '['}{minimum:g}, {maximum:g})"
+        raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}{hint}")
+    return float(value)
+
+
+def callable_or_none(name: str, value: Any) -> Any:
+    """`value` as None or a callable (a hook, a step function)."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable or None, got {type(value).__name__}")
+    return value
 
 
 def fraction(name: str, value: Any) -> float:

@@ -7,7 +7,9 @@ classification with cross-entropy on `(inputs, targets)` batches; the masked lan
 from __future__ import annotations
 
 import math
+import numbers
 import time
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -102,21 +104,69 @@ def _to(batch, device):
     return [t.to(device) if isinstance(t, torch.Tensor) else t for t in batch]
 
 
+def _warmup_steps(warmup, total: int) -> int:
+    """`warmup` as a step count: a fraction in [0, 1) of `total`, or a whole number of steps <= total."""
+    message = f"warmup must be a fraction in [0, 1) or a step count <= {total}, got {warmup!r}"
+    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Real):
+        raise TypeError(message)
+    if isinstance(warmup, float) and 0 <= warmup < 1:
+        return int(round(warmup * total))
+    if not (float(warmup).is_integer() and 0 <= warmup <= total):
+        raise ValueError(message)
+    return int(warmup)
+
+
+def _module_modes(model: nn.Module) -> Dict[nn.Module, bool]:
+    # Every module's own flag: model.train(flag) would flatten a deliberately frozen (eval) submodule.
+    return {m: m.training for m in model.modules()}
+
+
+def _restore_modes(modes: Dict[nn.Module, bool]) -> None:
+    for module, training in modes.items():
+        module.training = training
+
+
+def _check_gradients(model: nn.Module, step: int, loss: torch.Tensor) -> None:
+    """Raise FloatingPointError before the update when a gradient holds NaN or inf.
+
+    One fused norm per parameter and one host sync; only when a norm is not finite are the tensors
+    themselves searched (a norm can overflow to inf on finite but huge gradients: those pass).
+    """
+    named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return
+    norms = torch._foreach_norm([g for _, g in named])
+    if bool(torch.isfinite(torch.stack(norms)).all()):
+        return
+    for (name, grad), norm in zip(named, norms):
+        if not bool(torch.isfinite(norm)) and not bool(torch.isfinite(grad).all()):
+            raise FloatingPointError(
+                f"the gradient of {name} holds NaN or inf at step {step}, while the loss was finite "
+                f"({loss.item():.4g}); the update was not applied. A step in the model or step_fn has no "
+                f"finite derivative there (sqrt or log at 0, a division by 0, a row of -inf scores): "
+                f"lowering lr will not help; find that operation (torch.autograd.detect_anomaly names it)")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Data, *, step_fn: Optional[StepFn] = None, batch_size: int = 256,
              device: Optional[Union[str, torch.device]] = None) -> Dict[str, float]:
-    """Mean loss (weighted by counted items) and accuracy of `model` on `data`, in eval mode."""
+    """Mean loss (weighted by counted items) and accuracy of `model` on `data`, in eval mode; the model
+    gets its own modes back afterwards, also when a step raises."""
+    checks.positive_int("batch_size", batch_size)
+    checks.callable_or_none("step_fn", step_fn)
     step_fn = step_fn or classification_step
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
+    modes = _module_modes(model)
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
-    for batch in _as_loader(data, batch_size, False, None, "data"):
-        loss, n_correct, n = step_fn(model, _to(batch, device))
-        total_loss += float(loss) * n
-        correct += n_correct
-        count += n
-    model.train(was_training)
+    try:
+        for batch in _as_loader(data, batch_size, False, None, "data"):
+            loss, n_correct, n = step_fn(model, _to(batch, device))
+            total_loss += float(loss) * n
+            correct += n_correct
+            count += n
+    finally:
+        _restore_modes(modes)
     if count == 0:
         raise ValueError("data is empty: nothing to evaluate")
     return {"loss": total_loss / count, "accuracy": correct / count}
@@ -137,14 +187,31 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
     (default: classification with `label_smoothing`). Validation runs every `eval_every` steps
     (default: once per epoch) and at the end. `max_seconds` stops early (after the current step)
     once that much training time has passed. Same seed, same data order, same result.
+
+    Every setting is checked before the first step (a ValueError or TypeError naming it), and so is
+    val_data's length. A non-finite loss, or a finite loss whose gradients hold NaN or inf, raises
+    FloatingPointError before that update is applied. On return the model is in eval mode; when
+    training raises (Ctrl-C included) every module gets back the mode it had, and the bar is closed.
     """
     if (epochs is None) == (steps is None):
         raise ValueError(f"give exactly one of epochs or steps, got epochs={epochs}, steps={steps}")
     for name, value in (("epochs", epochs), ("steps", steps), ("batch_size", batch_size)):
-        if value is not None:
+        if value is not None or name == "batch_size":
             checks.positive_int(name, value)
+    checks.optional(checks.positive_int)("eval_every", eval_every)
     checks.choice("schedule", schedule, LR_SCHEDULES)
-    checks.positive_float("lr", lr)
+    checks.real("lr", lr, minimum=0.0, strict=True, hint="; AdamW's usual peak is about 1e-3")
+    checks.real("weight_decay", weight_decay, minimum=0.0, strict=False, hint="; 0 turns weight decay off")
+    if grad_clip is not None:
+        checks.real("grad_clip", grad_clip, minimum=0.0, strict=True,
+                     hint="; it is the largest gradient norm kept (None: no clipping)")
+    checks.real("label_smoothing", label_smoothing, minimum=0.0, strict=False, maximum=1.0)
+    if max_seconds is not None:
+        checks.real("max_seconds", max_seconds, minimum=0.0, strict=True, hint="; None: no time limit")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    for name, value in (("augment", augment), ("step_fn", step_fn), ("callback", callback)):
+        checks.callable_or_none(name, value)
     if step_fn is not None and label_smoothing:
         raise ValueError("label_smoothing applies to the default classification step; "
                          "a custom step_fn handles its own loss")
@@ -154,10 +221,14 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
     loader = _as_loader(train_data, batch_size, True, generator, "train_data")
     if len(loader) == 0:
         raise ValueError("train_data is empty")
+    if val_data is not None:
+        # Built once, as evaluate would build it, so that an empty or ill-typed val_data fails now,
+        # not after the first eval_every steps.
+        val_data = _as_loader(val_data, 256, False, None, "val_data")
+        if isinstance(val_data.dataset, Sized) and len(val_data.dataset) == 0:
+            raise ValueError("val_data is empty: nothing to validate on; give it samples or pass val_data=None")
     total = steps if steps is not None else epochs * len(loader)
-    warmup_steps = int(round(warmup * total)) if isinstance(warmup, float) and warmup < 1 else int(warmup)
-    if not 0 <= warmup_steps <= total:
-        raise ValueError(f"warmup must be a fraction in [0, 1) or a step count <= {total}, got {warmup!r}")
+    warmup_steps = _warmup_steps(warmup, total)
     eval_every = eval_every or len(loader)
     if step_fn is None:
         def step_fn(m, b):
@@ -177,48 +248,65 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
         # Few refreshes: a notebook bar is a widget, and every refresh is a kernel message; thousands of
         # them overflow the output channel's buffer and a test runner (nbval) then loses the cell's end.
         bar = tqdm(total=total, desc="training", leave=True, mininterval=2.0)
-    model.to(device).train()
-    start, step = time.perf_counter(), 0
-    while step < total:
-        for batch in loader:
-            batch = _to(batch, device)
-            if augment is not None:
-                batch = augment(batch)
-            loss, n_correct, n = step_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower lr or add grad_clip")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            history.lr.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            history.step.append(step)
-            history.loss.append(loss.item())
-            history.train_accuracy.append(n_correct / max(n, 1))
-            timed_out = max_seconds is not None and time.perf_counter() - start >= max_seconds
-            if val_data is not None and (step % eval_every == 0 or step == total or timed_out):
-                metrics = evaluate(model, val_data, step_fn=step_fn, device=device)
-                history.eval_step.append(step)
-                history.val_loss.append(metrics["loss"])
-                history.val_accuracy.append(metrics["accuracy"])
-                model.train()
-            if bar is not None:
-                shown = {"loss": f"{history.loss[-1]:.3f}"}
-                if history.val_accuracy:
-                    shown["val_acc"] = f"{history.val_accuracy[-1]:.3f}"
-                bar.set_postfix(shown, refresh=False)
-                bar.update(1)
-            if callback is not None:
-                callback(step, history)
-            if step >= total or timed_out:
+    modes = _module_modes(model)
+    try:
+        model.to(device).train()
+        start, step, passes = time.perf_counter(), 0, 0
+        while step < total:
+            yielded = False
+            for batch in loader:
+                yielded = True
+                batch = _to(batch, device)
+                if augment is not None:
+                    batch = augment(batch)
+                loss, n_correct, n = step_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower lr or add grad_clip")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                _check_gradients(model, step, loss)
+                if grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                history.lr.append(optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                history.step.append(step)
+                history.loss.append(loss.item())
+                history.train_accuracy.append(n_correct / max(n, 1))
+                timed_out = max_seconds is not None and time.perf_counter() - start >= max_seconds
+                if val_data is not None and (step % eval_every == 0 or step == total or timed_out):
+                    metrics = evaluate(model, val_data, step_fn=step_fn, device=device)
+                    history.eval_step.append(step)
+                    history.val_loss.append(metrics["loss"])
+                    history.val_accuracy.append(metrics["accuracy"])
+                    model.train()
+                if bar is not None:
+                    shown = {"loss": f"{history.loss[-1]:.3f}"}
+                    if history.val_accuracy:
+                        shown["val_acc"] = f"{history.val_accuracy[-1]:.3f}"
+                    bar.set_postfix(shown, refresh=False)
+                    bar.update(1)
+                if callback is not None:
+                    callback(step, history)
+                if step >= total or timed_out:
+                    break
+            passes += 1
+            if not yielded:
+                # Without this, a loader that is used up after one pass makes the while loop spin forever.
+                raise ValueError(
+                    f"train_data yielded no batch on pass {passes} over it, though its len() is {len(loader)}: "
+                    "an iterable that is used up after one pass (an IterableDataset whose __iter__ does not "
+                    "start afresh) can feed one pass only; make __iter__ return a new iterator each time, or "
+                    "train for at most one pass")
+            if max_seconds is not None and time.perf_counter() - start >= max_seconds:
                 break
-        if max_seconds is not None and time.perf_counter() - start >= max_seconds:
-            break
-    if bar is not None:
-        bar.close()
+    except BaseException:
+        _restore_modes(modes)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
     history.seconds = time.perf_counter() - start
     model.eval()
     return history

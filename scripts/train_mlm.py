@@ -1,9 +1,14 @@
 """Train the byte-level PerceiverMLM that notebook 04 loads, or run the study behind its table.
 
-    python scripts/train_mlm.py                 # the shipped checkpoint: checkpoints/mlm_bytes.pt (+ .json)
-    python scripts/train_mlm.py --study         # each design choice for 600 steps, 2 at a time:
-                                                # checkpoints/mlm_study.json
+    python scripts/train_mlm.py --overwrite-shipped          # the shipped checkpoint: checkpoints/mlm_bytes.pt
+                                                             # (+ .json)
+    python scripts/train_mlm.py --study --overwrite-shipped  # each design choice for 600 steps, 2 at a time:
+                                                             # checkpoints/mlm_study.json
     python scripts/train_mlm.py --steps 200 --out /tmp/mlm.pt   # a quick run
+
+Replacing a shipped file (checkpoints/mlm_bytes.pt, mlm_bytes.json, mlm_study.json) needs
+--overwrite-shipped; a missing one is made without it. Every output path is checked before the first
+step, and every file is written atomically (percnb.io): an interrupted run leaves the old file whole.
 
 Text: the Python documentation topics (`pydoc_data.topics`), split by document into train/val/test
 (`percnb.data.text.load_text_splits`, seed 0). Choices are made on the validation split; the test
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -34,6 +40,7 @@ from percnb.data.text import (
     neighbour_predict,
     unigram_predict,
 )
+from percnb.io import atomic_write, check_writable
 from percnb.models import PerceiverMLM, mlm_config
 from percnb.train import evaluate, fit, masked_lm_step
 
@@ -91,26 +98,100 @@ def study_entry(index: int, steps: int, args) -> tuple:
                   "val_accuracy": history.val_accuracy, "parameters": model.num_parameters(), "order": index}
 
 
+def write_json(path: Path, obj) -> None:
+    """`obj` as indented JSON at `path`, atomically: a report is whole or is the previous one."""
+    text = json.dumps(obj, indent=1)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def shipped_files() -> set:
+    """The artefacts this script made and the repository ships (notebook 04 and the README read them)."""
+    folder = ROOT / "checkpoints"
+    return {(folder / name).resolve() for name in ("mlm_bytes.pt", "mlm_bytes.json", "mlm_study.json")}
+
+
+def check_outputs(parser: argparse.ArgumentParser, paths: list, overwrite_shipped: bool) -> None:
+    """Before any training: every output can be written, no two outputs are one file, and no shipped file
+    is replaced without --overwrite-shipped. Missing folders are made (as a later write would need)."""
+    resolved = [path.resolve() for path in paths]
+    if len(set(resolved)) != len(resolved):
+        parser.error(f"--out {paths[0]} would make the report {paths[1]} overwrite the checkpoint; "
+                     "give the checkpoint another suffix, e.g. --out mlm.pt")
+    replaced = [path for path in resolved if path in shipped_files() and path.exists()]
+    if replaced and not overwrite_shipped:
+        parser.error(f"this run would overwrite the shipped {', '.join(map(str, replaced))}; pass --out elsewhere "
+                     "for a new run, or --overwrite-shipped to regenerate the shipped files on purpose")
+    for path in resolved:
+        blocking = next((folder for folder in path.parents if folder.exists() and not folder.is_dir()), None)
+        if blocking is not None:
+            parser.error(f"--out: cannot write {path}: {blocking} is a file, not a folder")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f"--out: cannot write {path}: its folder cannot be made ({error.strerror})")
+        try:
+            check_writable(path)
+        except ValueError as error:
+            parser.error(f"--out: {error}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive, natural = _int_at_least(1), _int_at_least(0)
     parser.add_argument("--study", action="store_true", help="run the design study instead of the checkpoint")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=positive, default=None,
                         help="optimizer steps (default: 4000 for the checkpoint, 600 per study entry)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    parser.add_argument("--warmup", type=int, default=300, help="linear warm-up steps, then cosine decay")
-    parser.add_argument("--eval-every", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive, default=32)
+    parser.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--warmup", type=natural, default=300,
+                        help="linear warm-up steps, then cosine decay (0: none)")
+    parser.add_argument("--eval-every", type=positive, default=None,
                         help="validation every this many steps (default: 100 in the study, 250 otherwise)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive, default=1,
                         help="torch threads per process (1: on 2 cores a step is about as fast as with 2, "
                              "and the other core stays free)")
-    parser.add_argument("--workers", type=int, default=2, help="study entries trained at once")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", type=int, nargs="*", help="study entries to run (indices), default all")
+    parser.add_argument("--workers", type=positive, default=2, help="study entries trained at once")
+    parser.add_argument("--seed", type=natural, default=0)
+    parser.add_argument("--only", type=natural, nargs="*",
+                        help=f"study entries to run (indices 0..{len(STUDY) - 1}), default all")
     parser.add_argument("--out", type=Path, default=None,
-                        help="checkpoint path (default checkpoints/mlm_bytes.pt) or study JSON "
-                             "(default checkpoints/mlm_study.json)")
+                        help="checkpoint path (default checkpoints/mlm_bytes.pt; its report is the same path "
+                             "with .json) or study JSON (default checkpoints/mlm_study.json)")
+    parser.add_argument("--overwrite-shipped", action="store_true",
+                        help="allow replacing the shipped checkpoints/mlm_bytes.pt, .json or mlm_study.json")
     args = parser.parse_args(argv)
+    if args.only is not None and not args.study:
+        parser.error("--only picks study entries; add --study")
+    if args.only and max(args.only) >= len(STUDY):
+        parser.error(f"--only: the study has entries 0..{len(STUDY) - 1}, got {max(args.only)}")
+    if args.study:
+        out = args.out or ROOT / "checkpoints" / "mlm_study.json"
+        check_outputs(parser, [out], args.overwrite_shipped)
+    else:
+        out = args.out or ROOT / "checkpoints" / "mlm_bytes.pt"
+        check_outputs(parser, [out, out.with_suffix(".json")], args.overwrite_shipped)
     if args.eval_every is None:
         args.eval_every = 100 if args.study else 250
     torch.set_num_threads(args.threads)
@@ -121,7 +202,6 @@ def main(argv=None) -> None:
 
     if args.study:
         steps = args.steps or 600
-        out = args.out or ROOT / "checkpoints" / "mlm_study.json"
         results = json.loads(out.read_text())["results"] if out.exists() and args.only else {}
         wanted = [i for i in range(len(STUDY)) if not args.only or i in args.only]
         # Entries are independent: run them in parallel processes of args.threads threads each.
@@ -131,20 +211,16 @@ def main(argv=None) -> None:
                 name, result = future.result()
                 results[name] = result
                 print(f"{name:62s} val acc {result['val_accuracy'][-1]:.3f} after {steps} steps", flush=True)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps({"command": command, "machine": machine, "batch_size": args.batch_size,
-                                           "lr": args.lr, "warmup": args.warmup, "seq_len": SEQ_LEN,
-                                           "results": results}, indent=1))
+                write_json(out, {"command": command, "machine": machine, "batch_size": args.batch_size,
+                                 "lr": args.lr, "warmup": args.warmup, "seq_len": SEQ_LEN, "results": results})
         return
 
     steps = args.steps or 4000
-    out = args.out or ROOT / "checkpoints" / "mlm_bytes.pt"
     config = mlm_config(SEQ_LEN, VOCAB_SIZE, seed=args.seed)
     start = time.perf_counter()
     model, history = train(config, splits, args, steps)
     seconds = time.perf_counter() - start
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.save(out, dtype=torch.float16)
+    atomic_write(out, lambda f: model.save(f, dtype=torch.float16))
     loaded = PerceiverMLM.load(out)                 # the test score is the shipped file's, not the live model's
     test_inputs, test_targets = masked_eval_set(splits.test, SEQ_LEN, ByteMasker(), seed=1)
     test = evaluate(loaded, (test_inputs, test_targets), step_fn=masked_lm_step)
@@ -156,7 +232,7 @@ def main(argv=None) -> None:
                           "val_accuracy": history.val_accuracy, "val_loss": history.val_loss},
               "test_accuracy": test["accuracy"], "test_loss": test["loss"],
               "baselines": baselines(splits, test_inputs, test_targets, SEQ_LEN)}
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    write_json(out.with_suffix(".json"), report)
     print(f"{steps} steps in {seconds / 60:.1f} min; test masked-byte accuracy {test['accuracy']:.4f} "
           f"(baselines: {report['baselines']}); {out} ({out.stat().st_size / 1e6:.1f} MB)")
 

@@ -1,6 +1,7 @@
 """Real images, offline first: scikit-learn's 8x8 digits by default, torchvision MNIST / CIFAR-10 on request."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Tuple
@@ -11,11 +12,37 @@ import torch
 Split = Tuple[torch.Tensor, torch.Tensor]
 
 
+def _as_split(split, name: str) -> Split:
+    """(images, labels) as (n, channels, height, width) float32 and (n,) long.
+
+    Any float dtype is cast to float32, the dtype of the models' weights (float64 pixels would fail
+    in the first layer, or double every later cost); integer images are refused rather than cast,
+    since only the caller knows their scale (uint8 0..255, 16 gray levels, ...)."""
+    if not (isinstance(split, (tuple, list)) and len(split) == 2
+            and all(isinstance(t, torch.Tensor) for t in split)):
+        raise TypeError(f"{name} must be an (images, labels) pair of tensors, got {type(split).__name__}")
+    images, labels = split
+    if images.dim() != 4:
+        raise ValueError(f"{name} images must be (n, channels, height, width), got shape {tuple(images.shape)}; "
+                         "give one-channel images a channel axis with images.unsqueeze(1)")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} images must be a float tensor, got {images.dtype}; scale integer pixels to "
+                         "floats first (e.g. images.float() / 255 for 8-bit pixels)")
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} labels must be a (n,) tensor of integer class ids, got shape "
+                         f"{tuple(labels.shape)} and dtype {labels.dtype}")
+    if len(images) != len(labels):
+        raise ValueError(f"{name} has {len(images)} images but {len(labels)} labels; they must pair up")
+    return images.float(), labels.long()
+
+
 @dataclass
 class ImageSplits:
     """Train/validation/test tensors: images (n, channels, height, width) float, labels (n,) long.
 
     Loaders return pixels in [0, 1] (pixel_mean 0, pixel_std 1); `standardized()` rescales them.
+    Splits given by hand are checked: float images of any dtype become float32, integer labels long;
+    integer images are refused (their scale is the caller's to set).
     """
 
     train: Split
@@ -24,6 +51,9 @@ class ImageSplits:
     classes: Tuple[str, ...]
     pixel_mean: float = 0.0
     pixel_std: float = 1.0
+
+    def __post_init__(self):
+        self.train, self.val, self.test = (_as_split(getattr(self, n), n) for n in ("train", "val", "test"))
 
     @property
     def image_shape(self) -> Tuple[int, int, int]:
@@ -41,8 +71,21 @@ class ImageSplits:
         in [-1, 1], 26 channels for 2-D with 6 bands); raw [0, 1] digits (mean 0.3, std 0.4) are a
         faint signal next to them, and training sat near chance for the first epochs. Only the
         training split's statistics are used, so nothing leaks from validation or test.
+
+        Constant training images (std 0) raise ValueError: they carry no signal to rescale, and
+        dividing by 0 (or by a clamped tiny std) would turn any other split into NaN or huge values.
         """
-        mean, std = float(self.train[0].mean()), float(self.train[0].std())
+        images = self.train[0]
+        if images.numel() == 0:
+            raise ValueError("the training split has no images: nothing to take a mean and std from")
+        low, high = float(images.min()), float(images.max())
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"the training images hold NaN or inf (pixels from {low} to {high}); clean them first")
+        # Compared exactly: a float std of identical pixels can come out as rounding noise, not 0.
+        if low == high:
+            raise ValueError(f"the training images are constant (every pixel is {low:g}, std 0): there is no "
+                             "spread to standardise, and dividing by 0 would give NaN; use the splits as they are")
+        mean, std = float(images.mean()), float(images.std())
         scale = lambda split: ((split[0] - mean) / std, split[1])  # noqa: E731
         return ImageSplits(scale(self.train), scale(self.val), scale(self.test), self.classes,
                            pixel_mean=mean, pixel_std=std)
@@ -130,9 +173,10 @@ class RandomShift:
 
     def __call__(self, batch):
         images, *rest = batch
-        if images.dim() != 4:
-            raise ValueError(f"RandomShift needs images (batch, channels, height, width), "
-                             f"got shape {tuple(images.shape)}")
+        if images.dim() != 4 or not images.is_floating_point():
+            raise ValueError(f"RandomShift needs float images (batch, channels, height, width), got shape "
+                             f"{tuple(images.shape)} and dtype {images.dtype}; the fill {self.fill} would be "
+                             "rounded into integer pixels")
         n, _, h, w = images.shape
         s = self.max_shift
         padded = torch.nn.functional.pad(images, (s, s, s, s), value=self.fill)

@@ -27,6 +27,17 @@ def encode(text: Union[str, bytes]) -> torch.Tensor:
     return torch.tensor(list(data), dtype=torch.long)
 
 
+def _as_ids(ids, name: str, dims: int, shape: str) -> torch.Tensor:
+    """`ids` as a long tensor of `dims` dimensions: any integer dtype is accepted (uint8 is the natural
+    one for bytes) and cast; float, bool and complex tensors are refused, since ids are counts."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a {shape} tensor of byte ids, got {type(ids).__name__}")
+    if ids.dim() != dims or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must be a {shape} tensor of byte ids (any integer dtype), got shape "
+                         f"{tuple(ids.shape)} and dtype {ids.dtype}")
+    return ids.long()
+
+
 def decode(ids: Union[torch.Tensor, Sequence[int]], mask_char: str = "█") -> str:
     """Text of byte ids; [MASK] shows as `mask_char`, broken UTF-8 as U+FFFD."""
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
@@ -144,10 +155,12 @@ class ByteMasker:
 
     def mask(self, windows: torch.Tensor, generator: Optional[torch.Generator] = None
              ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """windows: (batch, seq) byte ids -> (inputs, targets), both (batch, seq) long."""
-        if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.is_floating_point():
-            raise ValueError("windows must be a (batch, seq) tensor of byte ids, got "
-                             f"{tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__}")
+        """windows: (batch, seq) byte ids of any integer dtype (uint8 included) -> (inputs, targets),
+        both (batch, seq) long. The same windows give the same result whatever their dtype."""
+        windows = _as_ids(windows, "windows", 2, "(batch, seq)")
+        if windows.numel() and not (0 <= int(windows.min()) and int(windows.max()) < BYTES):
+            raise ValueError(f"windows must hold byte ids in [0, {BYTES}), got values from {int(windows.min())} "
+                             f"to {int(windows.max())}; mask raw bytes, not already masked inputs")
         chosen = self.chosen(tuple(windows.shape), generator)
         roll = torch.rand(windows.shape, generator=generator)
         to_mask = chosen & (roll < self.mask_fraction)
@@ -170,9 +183,12 @@ class RandomWindows(Dataset):
     from torch's global generator, which `fit(seed=...)` seeds). Items are 1-tuples `(window,)`."""
 
     def __init__(self, data: torch.Tensor, seq_len: int, length: int):
-        if data.dim() != 1 or len(data) <= seq_len:
-            raise ValueError(f"data must be 1-D and longer than seq_len={seq_len}, got shape {tuple(data.shape)}")
+        checks.positive_int("seq_len", seq_len)
         checks.positive_int("length", length)
+        data = _as_ids(data, "data", 1, "1-D")
+        if len(data) <= seq_len:
+            raise ValueError(f"data must be longer than seq_len={seq_len}, got {len(data)} ids; "
+                             "give more text or a shorter seq_len")
         self.data, self.seq_len, self.length = data, seq_len, length
 
     def __len__(self) -> int:
@@ -185,7 +201,12 @@ class RandomWindows(Dataset):
 
 def fixed_windows(data: torch.Tensor, seq_len: int, max_windows: Optional[int] = None) -> torch.Tensor:
     """Non-overlapping (n, seq_len) windows covering `data` from its start (the tail is dropped);
-    with `max_windows`, that many spread evenly over the text."""
+    with `max_windows`, that many spread evenly over the text. data: (len,) ids of any integer dtype;
+    the windows are long."""
+    checks.positive_int("seq_len", seq_len)
+    if max_windows is not None:
+        checks.positive_int("max_windows", max_windows)
+    data = _as_ids(data, "data", 1, "1-D")
     n = len(data) // seq_len
     if n < 1:
         raise ValueError(f"data has {len(data)} bytes, fewer than seq_len={seq_len}")
@@ -204,7 +225,8 @@ def masked_eval_set(data: torch.Tensor, seq_len: int, masker: ByteMasker, seed: 
 # --------------------------------------------------------------------------- count baselines
 
 def unigram_predict(train: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    """The most frequent training byte, everywhere: (batch, seq) predictions."""
+    """The most frequent training byte, everywhere: (batch, seq) long predictions."""
+    train, inputs = _as_ids(train, "train", 1, "1-D"), _as_ids(inputs, "inputs", 2, "(batch, seq)")
     return torch.full_like(inputs, int(torch.bincount(train, minlength=BYTES).argmax()))
 
 
@@ -215,6 +237,7 @@ def neighbour_predict(train: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor
 
     This is what a model could learn from counts alone, with no more context than two bytes.
     """
+    train, inputs = _as_ids(train, "train", 1, "1-D"), _as_ids(inputs, "inputs", 2, "(batch, seq)")
     t = train.numpy().astype(np.int64)
     v = BYTES + 1                                                # a [MASK] neighbour is its own symbol
     trigram = np.zeros((v * v, BYTES), dtype=np.int32)
