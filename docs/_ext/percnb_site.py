@@ -35,18 +35,17 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 DISPLAY_ONLY = {"LayoutModel", "HTMLModel", "HTMLStyleModel", "LabelModel", "LabelStyleModel", "ImageModel",
                 "BoxModel", "HBoxModel", "VBoxModel", "FloatProgressModel", "IntProgressModel",
                 "ProgressStyleModel", "OutputModel"}
-# From the npm packages into _static/npm/, keeping their layout under node_modules/: require.js
-# resolves the widget bundle's modules (and the fonts it references) from _static/npm/ as its base.
-VENDOR = {
-    "requirejs/require.js": "require.js",
-    "mathjax/es5/tex-mml-chtml.js": "mathjax/tex-mml-chtml.js",
-    "mathjax/es5/input": "mathjax/input",                # TeX extensions MathJax loads on first use
-    "mathjax/es5/output/chtml": "mathjax/output/chtml",  # its fonts
-    "mathjax/es5/ui": "mathjax/ui",
-    "mathjax/es5/a11y": "mathjax/a11y",
-    "mathjax/es5/sre": "mathjax/sre",
-    "@jupyter-widgets/html-manager/dist": "@jupyter-widgets/html-manager/dist",
-}
+# What the pages load, copied from docs/node_modules: (files, folder under _static/npm/ to put them in).
+# The widget bundle keeps its node_modules layout: require.js's base URL is _static/npm/ (percnb-widgets.js)
+# and the bundle finds its fonts from there.
+WIDGETS = "@jupyter-widgets/html-manager/dist"
+VENDOR = [
+    ("requirejs/require.js", "."),
+    ("mathjax/es5/tex-mml-chtml.js", "mathjax"),
+    *((f"mathjax/es5/{folder}", "mathjax") for folder in ("input", "output", "ui", "a11y", "sre")),  # loaded on use
+    (f"{WIDGETS}/embed-amd.js", WIDGETS),
+    *((f"{WIDGETS}/*.{ext}", WIDGETS) for ext in ("woff2", "woff", "ttf", "eot", "svg")),  # Font Awesome
+]
 RUNS_IN = re.compile(r"\*\*Runs in:\*\*\s*(about \d+ minutes?)")
 LEARN = re.compile(r"\*\*You will learn:\*\*\s*(.+?)(?:\s+\*\*Runs in:|$)", re.S)
 
@@ -201,7 +200,7 @@ def _is_interactive(model_id: str, state: dict) -> bool:
 
 # ------------------------------------------------------------------------------ offline assets
 def check_vendor(app: Sphinx) -> None:
-    missing = [src for src in VENDOR if not (NODE_MODULES / src).exists()]
+    missing = [pattern for pattern, _ in VENDOR if not any(NODE_MODULES.glob(pattern))]
     if missing:
         raise ConfigError(f"docs/node_modules lacks {missing}: build with `make site` or `python docs/build.py`, "
                           "which run `npm ci` in docs/ first")
@@ -210,14 +209,14 @@ def check_vendor(app: Sphinx) -> None:
 def copy_vendor(app: Sphinx, exception: Exception | None) -> None:
     if exception is not None or app.builder.format != "html":
         return
-    static = Path(app.outdir) / "_static" / "npm"
-    for src, dst in VENDOR.items():
-        source, target = NODE_MODULES / src, static / dst
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True)
-        else:
-            shutil.copy2(source, target)
+    for pattern, folder in VENDOR:
+        target = Path(app.outdir) / "_static" / "npm" / folder
+        target.mkdir(parents=True, exist_ok=True)
+        for source in NODE_MODULES.glob(pattern):
+            if source.is_dir():
+                shutil.copytree(source, target / source.name, dirs_exist_ok=True)
+            else:
+                shutil.copy2(source, target)
 
 
 def setup(app: Sphinx) -> dict:
