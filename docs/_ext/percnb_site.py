@@ -47,7 +47,7 @@ VENDOR = [
     *((f"{WIDGETS}/*.{ext}", WIDGETS) for ext in ("woff2", "woff", "ttf", "eot", "svg")),  # Font Awesome
 ]
 RUNS_IN = re.compile(r"\*\*Runs in:\*\*\s*(about \d+ minutes?)")
-LEARN = re.compile(r"\*\*You will learn:\*\*\s*(.+?)(?:\s+\*\*Runs in:|$)", re.S)
+LEARN = re.compile(r"\*\*You will learn:\*\*\s*(.+?)(?:\s+\*\*Runs in:|$)", re.DOTALL)
 
 
 # ------------------------------------------------------------------------------ the chapter table
@@ -162,7 +162,7 @@ class OfflineNotebookPages(SphinxTransform):
         state = (json.loads(path.read_text(encoding="utf-8"))["metadata"].get("widgets", {})
                  .get(WIDGET_STATE, {}).get("state", {}))
         for raw in list(self.document.findall(nodes.raw)):
-            match = re.search(rf'<script type="{re.escape(WIDGET_VIEW)}">(.*?)</script>', raw.astext(), re.S)
+            match = re.search(rf'<script type="{re.escape(WIDGET_VIEW)}">(.*?)</script>', raw.astext(), re.DOTALL)
             if match and _is_interactive(json.loads(match.group(1))["model_id"], state):
                 bundle = raw                 # the output's mime bundle: one child per mime type, the
                 while bundle.get("nb_element") != "mime_bundle":   # best chosen when the page is written
