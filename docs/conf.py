@@ -3,6 +3,7 @@ the API reference from percnb's docstrings. Build it with `make site` (or `pytho
 installs the pinned JavaScript (docs/package.json) with `npm ci` first; docs/_ext/percnb_site.py holds
 what is specific to this site (the course table, the API pages, the offline assets)."""
 import sys
+import tomllib
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
@@ -16,7 +17,7 @@ copyright = "the percnb authors (MIT licence)"
 extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.mathjax", "percnb_site"]
 # notebooks/ is linked as docs/notebooks; docs/node_modules holds the npm packages (their files are
 # copied into _static by percnb_site, never read as pages).
-exclude_patterns = ["_build", "node_modules", "**/.ipynb_checkpoints", "README.md"]
+exclude_patterns = ["_build", "node_modules", "**/.ipynb_checkpoints"]
 
 # The notebooks are committed executed (tests/test_notebooks.py checks it): render their saved outputs.
 nb_execution_mode = "off"
@@ -39,7 +40,8 @@ html_theme = "sphinx_book_theme"
 html_title = "percnb: a Perceiver course"
 html_static_path = ["_static"]
 html_theme_options = {
-    "repository_url": "https://github.com/percnb/percnb",
+    # written once, in pyproject's [project.urls] (tests/test_notebooks.py checks the Colab badges against it)
+    "repository_url": tomllib.loads((DOCS.parent / "pyproject.toml").read_text())["project"]["urls"]["Repository"],
     "use_repository_button": True,
     "show_toc_level": 2,
 }
