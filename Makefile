@@ -1,4 +1,5 @@
 # Two commands: `make lab` and `make test`. Both create .venv when missing and install percnb into it.
+# `make site` builds the course as a static website (docs/build.py; open docs/_build/html/index.html).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,14 +16,14 @@ PORT ?= 8888
 IP ?= 127.0.0.1
 TOKEN ?=
 
-.PHONY: lab lint test test-browser setup clean
+.PHONY: lab lint test test-browser site setup clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,docs]"
 	$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 
@@ -42,6 +43,11 @@ test: lint
 # The browser test alone (JupyterLab + Debian's Chromium); `make test` runs it too when Chromium is installed.
 test-browser: $(STAMP)
 	$(PY) -m pytest tests/browser -q
+
+# The course site, offline: `npm ci` in docs/ when its packages are missing or stale, then Sphinx
+# (warnings are errors) renders the committed notebooks without running them.
+site: $(STAMP)
+	$(PY) docs/build.py
 
 clean:
 	rm -rf $(VENV)
