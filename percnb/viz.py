@@ -165,3 +165,58 @@ def plot_pipeline_timeline(events, ax=None, title: Optional[str] = None):
     if title:
         ax.set_title(title)
     return ax
+
+
+def plot_architecture(config=None, ax=None):
+    """Draw the whole Perceiver: inputs and the latent array meet in the encoder's cross-attention, the
+    processor's self-attention blocks work on the latents only, and the decoder's output queries read
+    the latents (or, with decoder_type="latent_pool", the latents are averaged).
+
+    config: a `PerceiverConfig` whose sizes label the arrays (M inputs, N latents, ...), or None for the
+    symbols alone. Returns the matplotlib Axes; its texts name every part, for tests to read.
+    """
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+    ax = _axes(ax, figsize=(11, 3.6))
+
+    def size(symbol, value):
+        return symbol if config is None else f"{symbol}={value}"
+    c = config
+    pooled = c is not None and c.decoder_type == "latent_pool"
+    layers = size("L", None if c is None else c.num_layers)
+    boxes = {  # name: (x, y, text, color)
+        "inputs": (0.0, 0.05, f"input array\n{size('M', c and c.input_len)} x {size('C', c and c.input_dim)}",
+                   "#d9d9d9"),
+        "latents": (0.0, 0.62, f"latent array\n{size('N', c and c.latent_len)} x {size('D', c and c.latent_dim)}\n"
+                    "(learned)", "#fdd0a2"),
+        "encoder": (0.27, 0.33, "encoder\ncross-attention\nN queries x M keys"
+                    + ("" if c is None else f"\n({c.cross_heads} heads)"),
+                    "#9ecae1"),
+        "processor": (0.52, 0.33, f"processor\n{layers} x self-attention\nN x N, independent of M", "#a1d99b"),
+        "decoder": (0.77, 0.33, "decoder: mean of\nthe latents -> logits" if pooled else
+                    f"decoder\ncross-attention\n{size('O', c and c.output_len)} queries x N keys", "#bcbddc"),
+        "queries": (0.77, 0.78, "output queries\n(position codes)", "#fdd0a2"),
+    }
+    if pooled:
+        del boxes["queries"]
+    w, h = 0.2, 0.3
+    for name, (x, y, text, color) in boxes.items():
+        ax.add_patch(FancyBboxPatch((x, y), w, h if name not in ("queries",) else 0.18,
+                                    boxstyle="round,pad=0.01", fc=color, ec="black", lw=0.8))
+        ax.text(x + w / 2, y + (h if name != "queries" else 0.18) / 2, text, ha="center", va="center", fontsize=8)
+
+    def arrow(start, end, label=None):
+        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, lw=1))
+        if label:
+            ax.text((start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + 0.03, label, ha="center", fontsize=7)
+    arrow((0.2, 0.2), (0.27, 0.4), "keys, values")
+    arrow((0.2, 0.77), (0.27, 0.56), "queries")
+    arrow((0.47, 0.48), (0.52, 0.48))
+    arrow((0.72, 0.48), (0.77, 0.48), "latents")
+    if not pooled:
+        arrow((0.87, 0.78), (0.87, 0.64), "queries")
+    arrow((0.97, 0.48), (1.02, 0.48))
+    ax.text(1.03, 0.48, "outputs", va="center", fontsize=8)
+    ax.set_xlim(-0.02, 1.12)
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    return ax

@@ -3,6 +3,7 @@
 Starting processes costs seconds each (every one imports torch), so all the runs that succeed share
 ONE launch of 3 processes (`run_pipelines`, module fixture); only the failure test launches again.
 """
+import os
 import subprocess
 import sys
 import time
@@ -234,3 +235,29 @@ def test_command_line_rejects_bad_settings_before_starting():
     out = subprocess.run([sys.executable, "-m", "percnb.pipeline", "--stages", "3", "--microbatches", "2"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "needs n_microbatches >= num_stages" in out.stderr, out.stderr[-1000:]
+
+
+def test_workers_start_with_a_passive_omp_wait_policy_unless_the_user_set_one(monkeypatch):
+    import torch.multiprocessing
+
+    from percnb.pipeline.launch import worker_environment
+    seen = []
+
+    class Started(Exception):
+        pass
+
+    def fake_start_processes(*args, **kwargs):
+        seen.append(os.environ.get("OMP_WAIT_POLICY"))
+        raise Started
+    monkeypatch.setattr(torch.multiprocessing, "start_processes", fake_start_processes)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    config = PerceiverConfig(input_len=8, input_dim=8, latent_len=4, latent_dim=8, num_layers=2, n_classes=3)
+    job = PipelineJob(plan_pipeline(config, 2, n_microbatches=2), torch.randn(4, 8, 8),
+                      torch.zeros(4, dtype=torch.long))
+    with pytest.raises(Started):
+        run_pipelines([job])
+    assert seen == ["PASSIVE"] and "OMP_WAIT_POLICY" not in os.environ      # set for the workers, then restored
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with worker_environment():
+        assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"                   # the user's choice wins
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -31,3 +31,15 @@ def test_plots_draw_what_they_are_given():
         plot_attention(torch.rand(2, 3, 3))
     ax = plot_confusion(torch.eye(3, dtype=torch.long) * 5)
     assert len(ax.texts) == 3
+
+
+def test_architecture_figure_labels_every_part_with_the_config_sizes():
+    from percnb.config import PerceiverConfig
+    from percnb.viz import plot_architecture
+    config = PerceiverConfig(input_len=64, input_dim=8, latent_len=4, latent_dim=16, num_layers=3, output_len=5)
+    texts = " ".join(t.get_text() for t in plot_architecture(config).texts)
+    for part in ("M=64", "C=8", "N=4", "D=16", "L=3 x self-attention", "O=5 queries", "output queries"):
+        assert part in texts, part
+    pooled = " ".join(t.get_text() for t in plot_architecture(config.replace(decoder_type="latent_pool")).texts)
+    assert "mean of" in pooled and "output queries" not in pooled
+    assert "M x C" in " ".join(t.get_text() for t in plot_architecture().texts).replace("\n", " ")

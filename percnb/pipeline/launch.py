@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -165,6 +166,25 @@ def _worker(rank: int, world: int, jobs: List[PipelineJob], threads: int, out_di
         dist.destroy_process_group()
 
 
+@contextmanager
+def worker_environment() -> Iterator[None]:
+    """Start worker processes inside this: they get OMP_WAIT_POLICY=PASSIVE unless the user set a policy.
+
+    A worker's OpenMP threads otherwise spin-wait between parallel regions; pipeline stages wait for each
+    other all the time, so spinning workers steal the cores the other stages need (the Makefile sets it
+    for `make`, but a notebook opened any other way did not). Spawned children copy os.environ when they
+    start; the parent's own setting is restored on exit.
+    """
+    user_value = os.environ.get("OMP_WAIT_POLICY")
+    if user_value is None:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        yield
+    finally:
+        if user_value is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+
+
 def run_pipelines(jobs: Sequence[PipelineJob], threads: int = 1) -> List[PipelineResult]:
     """Run several `PipelineJob`s one after another in ONE set of local processes (as many as the
     largest job has stages; a smaller job uses the first ranks while the others wait).
@@ -193,8 +213,9 @@ def run_pipelines(jobs: Sequence[PipelineJob], threads: int = 1) -> List[Pipelin
         checks.int_at_least(f"jobs[{i}].steps", job.steps, 0)
     world = max(job.plan.num_stages for job in jobs)
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world, jobs, threads, out_dir), nprocs=world, join=True,
-                           start_method="spawn")
+        with worker_environment():
+            mp.start_processes(_worker, args=(world, jobs, threads, out_dir), nprocs=world, join=True,
+                               start_method="spawn")
         results = []
         for j, job in enumerate(jobs):
             parts = [torch.load(os.path.join(out_dir, f"job{j}_rank{r}.pt"), weights_only=False)
