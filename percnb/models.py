@@ -171,7 +171,7 @@ class Perceiver(nn.Module):
     (batch, n_classes) or (batch, output_len, n_classes) without decoder_reduction; with
     return_attentions, (logits, maps): the encoder's cross-attention (batch, cross_heads, latent_len,
     input_len), each processor's (batch, num_heads, latent_len, latent_len) and, with
-    decoder_type='attention', the decoder's (batch, cross_heads, queries, latent_len).
+    decoder_type='attention', the decoder's (batch, decoder_heads or cross_heads, queries, latent_len).
     `fast` (default True) runs percnb/fast.py's kernels where no maps are asked for; `model.fast = False`
     runs the textbook code of this file everywhere. Both compute the same function.
     """

@@ -303,3 +303,16 @@ def test_untie_refuses_an_untied_model():
     with pytest.raises(ValueError, match="tie_embeddings=True"):
         hub.untie(Perceiver(hub.full_size_config("deepmind/language-perceiver").replace(
             tie_embeddings=False, decoder_projection=True, num_layers=1, input_len=8, output_len=8)))
+
+
+def test_compare_hub_benchmark_smoke():
+    # a 2-layer model, one run: the script cannot rot (its timings are not asserted)
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_hub.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny", "--runs", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("transformers", "percnb"))]
+    assert len(rows) == 3 and rows[0][-1] == "1.00x" and all(row[-1].endswith("x") for row in rows), out.stdout
