@@ -2,7 +2,8 @@
 
 The model is in `percnb.models` (the textbook code) and `percnb.fast` (kernels that compute the same
 thing faster); its settings in `percnb.config`; training in `percnb.train`; pipeline parallelism in
-`percnb.pipeline`; data in `percnb.data`; plots and widgets in `percnb.viz` and `percnb.widgets`.
+`percnb.pipeline`; data in `percnb.data`; plots and widgets in `percnb.viz` and `percnb.widgets`; DeepMind's
+pretrained Perceivers, converted from `transformers`, in `percnb.hub` (the optional extra `percnb[hub]`).
 """
 from .config import PerceiverConfig, image_config, mlm_config
 from .encodings import build_position_encoding, fourier_features, sinusoid_encoding

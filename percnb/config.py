@@ -55,6 +55,35 @@ class PerceiverConfig:
     #: Heads of the encoder and decoder cross-attentions (1, as in the Perceiver paper).
     cross_heads: int = 1
 
+    # ----------------------------------------------------------------- attention widths (DeepMind's options)
+    # Perceiver IO gives each attention its own query/key width and value width, and DeepMind's released
+    # models use them (deepmind/language-perceiver: q/k 256 against latents 1280). None keeps percnb's
+    # plain rule: every width is the query side's width. percnb.hub fills these in from transformers.
+    #: Query/key width of the encoder cross-attention (None: latent_dim).
+    cross_qk_channels: Optional[int] = None
+    #: Value width of the encoder cross-attention; its output projection maps it back to latent_dim
+    #: (None: cross_qk_channels, or latent_dim when that is None too).
+    cross_v_channels: Optional[int] = None
+    #: Query/key width of the latent self-attention (None: latent_dim); its values stay latent_dim wide.
+    self_qk_channels: Optional[int] = None
+    #: Heads of the decoder cross-attention (None: cross_heads). DeepMind's MLM decodes with 8, its
+    #: image classifiers with 1, whatever the encoder uses.
+    decoder_heads: Optional[int] = None
+    #: Query/key width of the decoder cross-attention (None: output_dim).
+    decoder_qk_channels: Optional[int] = None
+    #: Value width of the decoder cross-attention, projected back to output_dim (None: decoder_qk_channels,
+    #: or output_dim).
+    decoder_v_channels: Optional[int] = None
+    #: Hidden width of the encoder cross-attention's MLP (None: ffw_latent, shared with the processors).
+    ffw_cross: Optional[int] = None
+    #: Whether the encoder's attention output adds the latents back (a residual; DeepMind's
+    #: use_query_residual). False: the latents are replaced by what they read.
+    query_residual: bool = True
+    #: The processors' weights repeat with this period: processor i uses the weights of processor
+    #: i % layers_per_block (DeepMind's num_blocks x num_self_attends_per_block; the vision Perceivers
+    #: apply 6 distinct layers 8 times). None: every processor has its own weights; 1 is share_weights.
+    layers_per_block: Optional[int] = None
+
     # ----------------------------------------------------------------- input
     #: "raw": floats (batch, input_len, features); "tokens": integer ids (batch, input_len).
     input_type: str = "raw"
@@ -66,6 +95,10 @@ class PerceiverConfig:
     #: The grid the inputs lie on, e.g. (8, 8) for 8x8 images (its product must be input_len); the
     #: Fourier features need it.
     input_shape: Optional[Tuple[int, ...]] = None
+    #: Whether raw inputs (with their Fourier features) pass through a linear layer to input_dim. None:
+    #: when their width differs from input_dim or input_channels is set; False: never (DeepMind's Fourier
+    #: image Perceiver reads pixels + features as they are, so input_dim must equal that width).
+    input_projection: Optional[bool] = None
 
     # ----------------------------------------------------------------- position encoding
     #: "trainable" (a learned table), "sinusoid" (Vaswani et al.'s fixed table), "fourier" (features of
@@ -75,6 +108,12 @@ class PerceiverConfig:
     fourier_bands: int = 6
     #: Per axis, the resolution whose Nyquist frequency is the highest band (default: input_shape).
     max_resolution: Optional[Tuple[int, ...]] = None
+    #: Fourier features without the cosines (DeepMind's sine_only): d * (fourier_bands + 1) channels.
+    fourier_sine_only: bool = False
+    #: Concatenate a trainable position table this wide to the projected raw inputs instead of adding one
+    #: (DeepMind's learned-position image Perceiver: pixels -> 256 channels, then 256 position channels).
+    #: Needs pos_encoding='trainable' and raw inputs; input_proj then maps to input_dim - pos_concat_dim.
+    pos_concat_dim: Optional[int] = None
 
     # ----------------------------------------------------------------- decoder
     #: "attention": Perceiver IO, output queries cross-attend to the latents; "latent_pool": the
@@ -91,6 +130,10 @@ class PerceiverConfig:
     decoder_projection: bool = True
     #: Output size of the head (classes, or the vocabulary of a language model).
     n_classes: Optional[int] = 10
+    #: The head reuses the input embedding matrix: logits = outputs @ token_embedding.T + a bias
+    #: (DeepMind's language Perceiver). Needs token inputs, decoder_projection=False, output_dim ==
+    #: input_dim and n_classes == input_num_tokens.
+    tie_embeddings: bool = False
 
     # ----------------------------------------------------------------- initialisation and regularisation
     #: Seed of the initial weights; each part of the model has its own seed derived from it, so a
@@ -140,10 +183,22 @@ class PerceiverConfig:
 
     @property
     def fourier_dim(self) -> int:
-        """Channels of the Fourier position features: d * (2 * fourier_bands + 1) for a d-D grid."""
+        """Channels of the Fourier position features: d * (2 * fourier_bands + 1) for a d-D grid
+        (d * (fourier_bands + 1) with fourier_sine_only)."""
         if self.input_shape is None:
             return 0
-        return len(self.input_shape) * (2 * self.fourier_bands + 1)
+        return len(self.input_shape) * ((1 if self.fourier_sine_only else 2) * self.fourier_bands + 1)
+
+    def widths(self, part: str) -> Tuple[int, int, int, int]:
+        """(heads, query/key width, value width, MLP hidden width) of part 'encoder', 'processor' or
+        'decoder', with the None fields resolved to their defaults."""
+        if part == "encoder":
+            qk = self.cross_qk_channels or self.latent_dim
+            return self.cross_heads, qk, self.cross_v_channels or qk, self.ffw_cross or self.ffw_latent
+        if part == "processor":
+            return self.num_heads, self.self_qk_channels or self.latent_dim, self.latent_dim, self.ffw_latent
+        qk = self.decoder_qk_channels or self.output_dim
+        return self.decoder_heads or self.cross_heads, qk, self.decoder_v_channels or qk, self.ffw_output
 
     def replace(self, **changes: Any) -> PerceiverConfig:
         """A copy with some fields changed (validated again)."""
@@ -190,6 +245,13 @@ FIELD_RULES: Dict[str, Callable[[str, Any], Any]] = {
     "pos_init_std": checks.positive_float,
     "latent_init_std": checks.positive_float,
     "token_init_std": checks.optional(checks.positive_float),
+    **{name: checks.optional(checks.positive_int) for name in (
+        "cross_qk_channels", "cross_v_channels", "self_qk_channels", "decoder_heads", "decoder_qk_channels",
+        "decoder_v_channels", "ffw_cross", "layers_per_block", "pos_concat_dim")},
+    "query_residual": checks.boolean,
+    "input_projection": checks.optional(checks.boolean),
+    "fourier_sine_only": checks.boolean,
+    "tie_embeddings": checks.boolean,
     "share_weights": checks.boolean,
     "latents_from_inputs": checks.boolean,
     "queries_from_latents": checks.boolean,
@@ -198,12 +260,62 @@ FIELD_RULES: Dict[str, Callable[[str, Any], Any]] = {
 
 
 def heads_divide_widths(c: PerceiverConfig) -> None:
-    """Each head gets width / heads channels, so the widths must divide evenly."""
-    for width, heads in (("latent_dim", "num_heads"), ("latent_dim", "cross_heads"), ("output_dim", "cross_heads")):
+    """Each head gets width / heads channels, so the query/key and value widths must divide evenly."""
+    cross_qk = "cross_qk_channels" if c.cross_qk_channels else "latent_dim"
+    decoder_qk = "decoder_qk_channels" if c.decoder_qk_channels else "output_dim"
+    decoder_heads = "decoder_heads" if c.decoder_heads else "cross_heads"
+    pairs = [("latent_dim", "num_heads"), ("self_qk_channels" if c.self_qk_channels else "latent_dim", "num_heads"),
+             (cross_qk, "cross_heads"), ("cross_v_channels" if c.cross_v_channels else cross_qk, "cross_heads")]
+    if c.decoder_type == "attention":
+        pairs += [(decoder_qk, decoder_heads),
+                  ("decoder_v_channels" if c.decoder_v_channels else decoder_qk, decoder_heads)]
+    for width, heads in pairs:
         value, count = getattr(c, width), getattr(c, heads)
         if value % count:
             raise ValueError(f"{width}={value} is not divisible by {heads}={count}; each head gets {width} / {heads} "
                              f"channels, so pick e.g. {width}={count * max(1, round(value / count))}")
+
+
+def weight_sharing_fits(c: PerceiverConfig) -> None:
+    """layers_per_block repeats the processors' weights with that period: it must divide num_layers, and
+    share_weights (period 1) may not ask for another."""
+    if c.layers_per_block is None:
+        return
+    if c.share_weights and c.layers_per_block != 1:
+        raise ValueError(f"share_weights=True is layers_per_block=1, got layers_per_block={c.layers_per_block}; "
+                         "set one of the two")
+    if c.num_layers % c.layers_per_block:
+        raise ValueError(f"num_layers={c.num_layers} must be a multiple of layers_per_block={c.layers_per_block} "
+                         "(the processors repeat in blocks of that many)")
+
+
+def input_side_fits(c: PerceiverConfig) -> None:
+    """input_projection=False keeps the raw width, pos_concat_dim concatenates a trainable table after the
+    projection, tie_embeddings reads the logits off the token embedding: each needs its matching input."""
+    if c.input_projection is not None and c.input_type != "raw":
+        raise ValueError(f"input_projection={c.input_projection} applies to raw inputs only, got "
+                         f"input_type={c.input_type!r}; leave it None")
+    if c.input_projection is False:
+        width = (c.input_channels or c.input_dim) + (c.fourier_dim if c.pos_encoding == "fourier" else 0)
+        if width != c.input_dim or c.pos_concat_dim is not None:
+            raise ValueError(f"input_projection=False reads raw inputs as they are: input_dim={c.input_dim} must "
+                             f"equal input_channels + the Fourier features = {width} (and pos_concat_dim be None)")
+    if c.pos_concat_dim is not None:
+        if c.input_type != "raw" or c.pos_encoding != "trainable" or c.pos_concat_dim >= c.input_dim:
+            raise ValueError(f"pos_concat_dim={c.pos_concat_dim} concatenates a trainable table to projected raw "
+                             f"inputs: it needs input_type='raw', pos_encoding='trainable' and pos_concat_dim < "
+                             f"input_dim={c.input_dim}, got input_type={c.input_type!r}, "
+                             f"pos_encoding={c.pos_encoding!r}")
+    if c.fourier_sine_only and c.pos_encoding != "fourier":
+        raise ValueError(f"fourier_sine_only is only used with pos_encoding='fourier', got {c.pos_encoding!r}")
+    if c.tie_embeddings and (c.input_type != "tokens" or c.decoder_type != "attention" or c.decoder_projection
+                             or c.output_dim != c.input_dim or c.n_classes != c.input_num_tokens):
+        raise ValueError("tie_embeddings reads the logits off the input embedding matrix: it needs "
+                         "input_type='tokens', decoder_type='attention', decoder_projection=False, output_dim == "
+                         f"input_dim and n_classes == input_num_tokens, got input_type={c.input_type!r}, "
+                         f"decoder_type={c.decoder_type!r}, decoder_projection={c.decoder_projection}, "
+                         f"output_dim={c.output_dim}, input_dim={c.input_dim}, n_classes={c.n_classes}, "
+                         f"input_num_tokens={c.input_num_tokens}")
 
 
 def input_type_fits(c: PerceiverConfig) -> None:
@@ -276,7 +388,8 @@ def window_switches_fit(c: PerceiverConfig) -> None:
                          "one query per sample, so use another reduction or None")
 
 
-CROSS_FIELD_RULES = (heads_divide_widths, input_type_fits, grid_fits, decoder_fits, window_switches_fit)
+CROSS_FIELD_RULES = (heads_divide_widths, input_type_fits, grid_fits, decoder_fits, window_switches_fit,
+                     weight_sharing_fits, input_side_fits)
 """The rules between fields, in the order `validate` applies them."""
 
 

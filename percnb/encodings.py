@@ -29,14 +29,15 @@ def sinusoid_encoding(num_positions: int, dim: int) -> torch.Tensor:
     return table[:, :dim].float()
 
 
-def fourier_features(shape: Sequence[int], num_bands: int,
-                     max_resolution: Optional[Sequence[int]] = None, concat_pos: bool = True) -> torch.Tensor:
+def fourier_features(shape: Sequence[int], num_bands: int, max_resolution: Optional[Sequence[int]] = None,
+                     concat_pos: bool = True, sine_only: bool = False) -> torch.Tensor:
     """Fourier position features of every point of an N-D grid: (prod(shape), d * (2 * num_bands + 1)).
 
     Each axis is sampled on [-1, 1]; for each axis, `num_bands` frequencies are spaced linearly from 1
     to max_resolution / 2 (the Nyquist frequency of that axis) and each gives sin(pi f x) and
     cos(pi f x). With `concat_pos` the raw coordinate is appended, as in the Perceiver paper. The
-    channel order is [coords (d), sin (d * bands), cos (d * bands)], bands fastest within an axis.
+    channel order is [coords (d), sin (d * bands), cos (d * bands)], bands fastest within an axis;
+    `sine_only` (DeepMind's option) leaves the cosines out.
     """
     shape = tuple(int(s) for s in shape)
     if not shape or any(s < 1 for s in shape):
@@ -50,7 +51,7 @@ def fourier_features(shape: Sequence[int], num_bands: int,
     freqs = torch.stack([torch.linspace(1.0, r / 2.0, num_bands, dtype=torch.float64)
                          for r in max_resolution])                                         # (d, bands)
     angles = math.pi * pos[:, :, None] * freqs[None]                                       # (n, d, bands)
-    parts = [torch.sin(angles).flatten(1), torch.cos(angles).flatten(1)]
+    parts = [torch.sin(angles).flatten(1)] + ([] if sine_only else [torch.cos(angles).flatten(1)])
     if concat_pos:
         parts.insert(0, pos)
     return torch.cat(parts, dim=-1).float()
@@ -74,7 +75,8 @@ def build_position_encoding(position_encoding_type: str, config: PerceiverConfig
         if math.prod(shape) != num_index_items:
             raise ValueError(f"num_index_items={num_index_items} but config.input_shape={shape} has "
                              f"{math.prod(shape)} positions")
-        table = fourier_features(shape, config.fourier_bands, config.max_resolution)
+        table = fourier_features(shape, config.fourier_bands, config.max_resolution,
+                                 sine_only=config.fourier_sine_only)
         if emb_dim is not None and emb_dim != table.shape[1]:
             raise ValueError(f"emb_dim={emb_dim} but Fourier features of a {len(shape)}-D grid with "
                              f"{config.fourier_bands} bands have {table.shape[1]} channels; "

@@ -87,13 +87,13 @@ def mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
 def input_space_is_cheaper(block, q_len: int, kv_len: int) -> bool:
     """Whether `attend_in_input_space` takes fewer multiply-adds than projecting keys and values.
 
-    Per sample: projected, the keys and values (kv_len x kv_dim x 2 q_dim), then scores and weighted sum
-    (2 x q_len x kv_len x q_dim); in the input space, W_k folded into the queries and W_v applied after
-    the sum (2 x q_len x kv_dim x q_dim), scores and sum per head (2 x heads x q_len x kv_len x kv_dim).
+    Per sample, with w = qk_dim + v_dim: projected, the keys and values (kv_len x kv_dim x w), then scores
+    and weighted sum (q_len x kv_len x w); in the input space, W_k folded into the queries and W_v applied
+    after the sum (q_len x kv_dim x w), scores and sum per head (2 x heads x q_len x kv_len x kv_dim).
     True for a Perceiver encoder: few input channels, few wide heads, many inputs.
     """
-    d, c, h = block.q_dim, block.kv_dim, block.num_heads
-    return 2 * q_len * c * d + 2 * h * q_len * kv_len * c < 2 * kv_len * c * d + 2 * q_len * kv_len * d
+    w, c, h = block.qk_dim + block.v_dim, block.kv_dim, block.num_heads
+    return q_len * c * w + 2 * h * q_len * kv_len * c < kv_len * c * w + q_len * kv_len * w
 
 
 def attend_in_input_space(block, kv: torch.Tensor, q: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -106,25 +106,29 @@ def attend_in_input_space(block, kv: torch.Tensor, q: torch.Tensor, mask: Option
     (hence no dropout on the weights here). All heads read the same x, so they become extra queries of
     one fused attention call. Faster and leaner when `input_space_is_cheaper`: no (kv_len, 2 * q_dim)
     keys and values are made or kept. kv: (batch, kv_len, kv_dim), q: (batch, q_len, q_dim) ->
-    (batch, q_len, q_dim).
+    (batch, q_len, v_dim).
     """
     b, n, _ = q.shape
-    h, d, c = block.num_heads, block.q_dim // block.num_heads, block.kv_dim
-    w_k, w_v = block.kv.weight.view(2, h, d, c).unbind(0)
-    qh = block.q(block.ln_q(q)).view(b, n, h, d)
-    q_in = torch.einsum("bnhd,hdc->bhnc", qh, w_k).reshape(b, 1, h * n, c)
+    h, c = block.num_heads, block.kv_dim
+    dk, dv = block.qk_dim // h, block.v_dim // h
+    w_k, w_v = block.kv.weight.split([block.qk_dim, block.v_dim])
+    qh = block.q(block.ln_q(q)).view(b, n, h, dk)
+    q_in = torch.einsum("bnhd,hdc->bhnc", qh, w_k.view(h, dk, c)).reshape(b, 1, h * n, c)
     x = block.ln_kv(kv).unsqueeze(1)                                     # (batch, 1, kv_len, kv_dim)
-    out = attention(q_in, x, x, mask, scale=d ** -0.5)                   # (batch, 1, heads * q_len, kv_dim)
-    out = torch.einsum("bhnc,hdc->bnhd", out.view(b, h, n, c), w_v) + block.kv.bias.view(2, h, d)[1]
+    out = attention(q_in, x, x, mask, scale=dk ** -0.5)                  # (batch, 1, heads * q_len, kv_dim)
+    out = torch.einsum("bhnc,hdc->bnhd", out.view(b, h, n, c), w_v.view(h, dv, c))
+    out = out + block.kv.bias[block.qk_dim:].view(h, dv)
     if mask is not None:                       # a sample with no key to attend to gets zero, b_v included
         out = out * mask.any(dim=-1).to(out.dtype)[:, None, None, None]
     return out.flatten(2)
 
 
 def _heads(block, x: torch.Tensor, parts: int) -> Tuple[torch.Tensor, ...]:
-    # (batch, len, parts * q_dim) -> parts x (batch, heads, len, head_dim), as views of the fused projection
+    # The fused projection (batch, len, widths) -> its q, k, v (parts=3), k, v (2) or q (1), each
+    # (batch, heads, len, width / heads), as views
+    widths = {1: [block.qk_dim], 2: [block.qk_dim, block.v_dim], 3: [block.qk_dim, block.qk_dim, block.v_dim]}[parts]
     b, n, _ = x.shape
-    return x.view(b, n, parts, block.num_heads, block.q_dim // block.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    return tuple(part.view(b, n, block.num_heads, -1).transpose(1, 2) for part in x.split(widths, dim=-1))
 
 
 def block_forward(block, kv: Optional[torch.Tensor], q: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -143,7 +147,7 @@ def block_forward(block, kv: Optional[torch.Tensor], q: torch.Tensor, mask: Opti
         else:
             (qh,) = _heads(block, block.q(block.ln_q(q)), 1)
             k, v = _heads(block, block.kv(block.ln_kv(kv)), 2)
-        # (batch, heads, q_len, d) -> (batch, q_len, q_dim): a view, no copy, after the fused kernels
+        # (batch, heads, q_len, d) -> (batch, q_len, v_dim): a view, no copy, after the fused kernels
         # (CPU, CUDA), which lay their output out as (batch, q_len, heads, d)
         out = attention(qh, k, v, mask, dropout_p).transpose(1, 2).flatten(2)
     out = block.drop(block.proj(out))

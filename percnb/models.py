@@ -80,30 +80,38 @@ class Block(nn.Module):
     through cross-attention; a decoder may or may not want that); the MLP always has its residual.
     With `self_attention=True` the block reads its own input (kv must be q or None), with one
     LayerNorm and one fused q/k/v projection. `need_weights=True` returns the attention weights.
+    `qk_dim` and `v_dim` (default q_dim, and v_dim = qk_dim) are the widths queries and keys, and
+    values, are projected to: Perceiver IO compares queries and keys in a narrower space than the
+    latents (DeepMind's language model: 256 of 1280) to save compute; W_o maps v_dim back to q_dim.
     `fast` (default True): without need_weights, run percnb/fast.py's kernels, which compute the same
     function with less time and memory; False runs the code below.
     """
 
     def __init__(self, kv_dim: int, q_dim: int, num_heads: int, ffw_dim: int, dropout: float = 0.0,
-                 add_residual: bool = False, *, self_attention: bool = False, fast: bool = True):
+                 add_residual: bool = False, *, self_attention: bool = False, fast: bool = True,
+                 qk_dim: Optional[int] = None, v_dim: Optional[int] = None):
         super().__init__()
-        for name, value in (("kv_dim", kv_dim), ("q_dim", q_dim), ("num_heads", num_heads), ("ffw_dim", ffw_dim)):
+        qk_dim = q_dim if qk_dim is None else qk_dim
+        v_dim = qk_dim if v_dim is None else v_dim
+        for name, value in (("kv_dim", kv_dim), ("q_dim", q_dim), ("num_heads", num_heads), ("ffw_dim", ffw_dim),
+                            ("qk_dim", qk_dim), ("v_dim", v_dim)):
             checks.positive_int(name, value)
-        if q_dim % num_heads:
-            raise ValueError(f"q_dim={q_dim} is not divisible by num_heads={num_heads}")
+        for name, value in (("qk_dim" if qk_dim != q_dim else "q_dim", qk_dim), ("v_dim", v_dim)):
+            if value % num_heads:
+                raise ValueError(f"{name}={value} is not divisible by num_heads={num_heads}")
         checks.fraction("dropout", dropout)
         if self_attention and kv_dim != q_dim:
             raise ValueError(f"self-attention needs kv_dim == q_dim, got kv_dim={kv_dim}, q_dim={q_dim}")
-        self.kv_dim, self.q_dim, self.num_heads = kv_dim, q_dim, num_heads
+        self.kv_dim, self.q_dim, self.num_heads, self.qk_dim, self.v_dim = kv_dim, q_dim, num_heads, qk_dim, v_dim
         self.dropout, self.add_residual, self.self_attention, self.fast = dropout, add_residual, self_attention, fast
         self.ln_q = nn.LayerNorm(q_dim)
         if self_attention:
-            self.qkv = nn.Linear(q_dim, 3 * q_dim)         # [W_q | W_k | W_v], one matmul
+            self.qkv = nn.Linear(q_dim, 2 * qk_dim + v_dim)  # [W_q | W_k | W_v], one matmul
         else:
             self.ln_kv = nn.LayerNorm(kv_dim)
-            self.q = nn.Linear(q_dim, q_dim)
-            self.kv = nn.Linear(kv_dim, 2 * q_dim)         # [W_k | W_v]
-        self.proj = nn.Linear(q_dim, q_dim)                # W_o
+            self.q = nn.Linear(q_dim, qk_dim)
+            self.kv = nn.Linear(kv_dim, qk_dim + v_dim)      # [W_k | W_v]
+        self.proj = nn.Linear(v_dim, q_dim)                  # W_o
         self.ln_mlp = nn.LayerNorm(q_dim)
         self.mlp = MLP(q_dim, ffw_dim, dropout)
         self.drop = nn.Dropout(dropout)
@@ -114,10 +122,10 @@ class Block(nn.Module):
         if self.fast and not need_weights:
             return fast.block_forward(self, kv, q, attn_mask), None
         if self.self_attention:
-            qs, ks, vs = self.qkv(self.ln_q(q)).split(self.q_dim, dim=-1)
+            qs, ks, vs = self.qkv(self.ln_q(q)).split([self.qk_dim, self.qk_dim, self.v_dim], dim=-1)
         else:
             qs = self.q(self.ln_q(q))
-            ks, vs = self.kv(self.ln_kv(kv)).split(self.q_dim, dim=-1)
+            ks, vs = self.kv(self.ln_kv(kv)).split([self.qk_dim, self.v_dim], dim=-1)
         h = self.num_heads
         dropout_p = self.dropout if self.training else 0.0
         out, weights = attention(split_heads(qs, h), split_heads(ks, h), split_heads(vs, h), attn_mask, dropout_p,
@@ -163,7 +171,7 @@ class Perceiver(nn.Module):
     (batch, n_classes) or (batch, output_len, n_classes) without decoder_reduction; with
     return_attentions, (logits, maps): the encoder's cross-attention (batch, cross_heads, latent_len,
     input_len), each processor's (batch, num_heads, latent_len, latent_len) and, with
-    decoder_type='attention', the decoder's (batch, cross_heads, queries, latent_len).
+    decoder_type='attention', the decoder's (batch, decoder_heads or cross_heads, queries, latent_len).
     `fast` (default True) runs percnb/fast.py's kernels where no maps are asked for; `model.fast = False`
     runs the textbook code of this file everywhere. Both compute the same function.
     """
@@ -182,14 +190,17 @@ class Perceiver(nn.Module):
         with seeded(c, 1):
             self.encoder = encoder_block(c)                 # the latents read the inputs
         self.processors = nn.ModuleList()                   # the latents read each other, num_layers times
+        period = sharing_period(c)                          # weights repeat every `period` processors
         for layer in range(c.num_layers):
             with seeded(c, 2 + layer):
-                shared = c.share_weights and layer > 0
-                self.processors.append(self.processors[0] if shared else processor_block(c))
+                shared = layer >= period
+                self.processors.append(self.processors[layer % period] if shared else processor_block(c))
         with seeded(c, c.num_layers + 2):
             self.decoder = decoder_block(c)                 # the queries read the latents (None: pool them)
             self.norm = nn.LayerNorm(c.latent_dim) if self.decoder is None else None
             self.head = output_head(c)                      # (..., n_classes), or None
+            # tie_embeddings: the logits are read off the input embedding matrix, plus a bias per token
+            self.head_bias = nn.Parameter(torch.zeros(c.n_classes)) if c.tie_embeddings else None
         self.fast = fast
 
     def forward(self, input_array: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -220,7 +231,10 @@ class Perceiver(nn.Module):
             out, weights = self.decoder(z, queries, need_weights=return_attentions)
             maps.append(weights)
             out = pool(out, c.decoder_reduction)
-        logits = out if self.head is None else self.head(out)
+        if c.tie_embeddings:                                             # DeepMind's MLM: one matrix in and out
+            logits = out @ self.embed.token_embedding.weight.t() + self.head_bias
+        else:
+            logits = out if self.head is None else self.head(out)
         return (logits, maps) if return_attentions else logits
 
     def decoder_queries(self, latents: torch.Tensor, output_array: Optional[torch.Tensor]) -> torch.Tensor:
@@ -379,21 +393,31 @@ def output_queries(c: PerceiverConfig) -> Optional[nn.Parameter]:
 
 
 def encoder_block(c: PerceiverConfig) -> Block:
-    """Cross-attention: the latents (q) read the inputs (kv), with cross_heads heads."""
-    return Block(c.input_dim, c.latent_dim, c.cross_heads, c.ffw_latent, c.dropout, add_residual=True)
+    """Cross-attention: the latents (q) read the inputs (kv), with cross_heads heads (widths: `c.widths`)."""
+    heads, qk, v, ffw = c.widths("encoder")
+    return Block(c.input_dim, c.latent_dim, heads, ffw, c.dropout, add_residual=c.query_residual, qk_dim=qk, v_dim=v)
 
 
 def processor_block(c: PerceiverConfig) -> Block:
     """Self-attention over the latents, with num_heads heads."""
-    return Block(c.latent_dim, c.latent_dim, c.num_heads, c.ffw_latent, c.dropout, add_residual=True,
-                 self_attention=True)
+    heads, qk, v, ffw = c.widths("processor")
+    return Block(c.latent_dim, c.latent_dim, heads, ffw, c.dropout, add_residual=True, self_attention=True,
+                 qk_dim=qk, v_dim=v)
+
+
+def sharing_period(c: PerceiverConfig) -> int:
+    """Processor i uses the weights of processor i % period: 1 with share_weights, layers_per_block when
+    set (DeepMind's blocks of layers applied num_layers / layers_per_block times), else num_layers."""
+    return 1 if c.share_weights else (c.layers_per_block or c.num_layers)
 
 
 def decoder_block(c: PerceiverConfig) -> Optional[Block]:
     """Cross-attention: the output queries (q) read the latents (kv); None when the latents are pooled."""
     if c.decoder_type != "attention":
         return None
-    return Block(c.latent_dim, c.output_dim, c.cross_heads, c.ffw_output, c.dropout, add_residual=c.decoder_residual)
+    heads, qk, v, ffw = c.widths("decoder")
+    return Block(c.latent_dim, c.output_dim, heads, ffw, c.dropout, add_residual=c.decoder_residual,
+                 qk_dim=qk, v_dim=v)
 
 
 def output_head(c: PerceiverConfig) -> Optional[nn.Linear]:
@@ -409,8 +433,8 @@ class InputEmbedding(nn.Module):
 
     Token ids (batch, input_len) look up a learned table; raw features (batch, input_len, input_channels
     or input_dim) get the Fourier features of their grid position concatenated (pos_encoding='fourier')
-    and a linear map to input_dim when their width differs; then a trainable or sinusoid position
-    table is added.
+    and a linear map to input_dim when their width differs (`input_projection` decides otherwise); then
+    a trainable or sinusoid position table is added (or, with pos_concat_dim, concatenated).
     """
 
     def __init__(self, config: PerceiverConfig):
@@ -431,10 +455,14 @@ class InputEmbedding(nn.Module):
             if c.pos_encoding == "fourier":
                 self.fourier = build_position_encoding("fourier", c, c.input_len, None)
                 proj_in += self.fourier.shape[1]
-            if proj_in != c.input_dim or c.input_channels is not None:
-                self.input_proj = nn.Linear(proj_in, c.input_dim)
+            project = c.input_projection
+            if project is None:   # percnb's rule: project when the width differs or input_channels asks for it
+                project = proj_in != c.input_dim or c.input_channels is not None
+            if project:
+                # with pos_concat_dim the positions fill the last channels, so the pixels get the rest
+                self.input_proj = nn.Linear(proj_in, c.input_dim - (c.pos_concat_dim or 0))
         if c.pos_encoding in ("trainable", "sinusoid"):
-            self.pos_emb = build_position_encoding(c.pos_encoding, c, c.input_len, c.input_dim)
+            self.pos_emb = build_position_encoding(c.pos_encoding, c, c.input_len, c.pos_concat_dim or c.input_dim)
 
     def forward(self, input_array: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -450,7 +478,9 @@ class InputEmbedding(nn.Module):
                 x = torch.cat([x, self.fourier.to(x.dtype).expand(batch, -1, -1)], dim=-1)
             if self.input_proj is not None:
                 x = self.input_proj(x)
-        if self.pos_emb is not None:
+        if self.config.pos_concat_dim is not None:  # DeepMind's learned-position images: concatenated, not added
+            x = torch.cat([x, self.pos_emb.expand(batch, -1, -1)], dim=-1)
+        elif self.pos_emb is not None:
             x = x + self.pos_emb
         return x, attention_mask
 
@@ -650,6 +680,10 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, config: PerceiverConfig):
         super().__init__()
+        if config.tie_embeddings:
+            raise ValueError("tie_embeddings reads the logits off the input embedding, which this layout (and a "
+                             "pipeline) keeps in another module, Embeddings; untie the model first: "
+                             "percnb.hub.untie(model) gives a copy with its own head, the same function")
         self.config = config
         self.block = decoder_block(config)
         if self.block is None:
@@ -676,7 +710,8 @@ def get_sequential_from_config(config: PerceiverConfig, indices: Optional[Sequen
     Module i is initialised under the seed of part i (`seeded`), so `indices` (a subset of
     range(num_layers + 3)) builds just those modules with the very weights `Perceiver(config)` has:
     a pipeline rank builds only its stage. With `config.share_weights` the processors are one module
-    repeated (its index is 2).
+    repeated (its index is 2); with `config.layers_per_block` processor i is the module of processor
+    i % layers_per_block.
     """
     if not isinstance(config, PerceiverConfig):
         raise TypeError(f"config must be a PerceiverConfig, got {type(config).__name__}")
@@ -685,15 +720,17 @@ def get_sequential_from_config(config: PerceiverConfig, indices: Optional[Sequen
     if not wanted or any(not 0 <= i < total for i in wanted) or wanted != sorted(set(wanted)):
         raise ValueError(f"indices must be increasing module indices in [0, {total}), got {indices}")
     modules: OrderedDict[str, nn.Module] = OrderedDict()
-    shared = None
+    shared: dict = {}                     # processor index modulo the sharing period -> its module
+    period = sharing_period(config)
     for i in wanted:
         kinds = {0: ("embeddings", Embeddings), 1: ("encoder", EncoderBlock), total - 1: ("decoder", DecoderBlock)}
         name, make = kinds.get(i, (f"processor_{i - 2}", ProcessorBlock))
-        if make is ProcessorBlock and config.share_weights:
-            if shared is None:
-                with seeded(config, 2):
-                    shared = ProcessorBlock(config)
-            modules[name] = shared
+        if make is ProcessorBlock and period < config.num_layers:
+            first = (i - 2) % period
+            if first not in shared:
+                with seeded(config, 2 + first):
+                    shared[first] = ProcessorBlock(config)
+            modules[name] = shared[first]
             continue
         with seeded(config, i):
             modules[name] = make(config)

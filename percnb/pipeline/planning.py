@@ -10,7 +10,7 @@ import torch
 
 from .. import checks
 from ..config import PerceiverConfig
-from ..models import get_sequential_from_config
+from ..models import get_sequential_from_config, sharing_period
 
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 
@@ -78,9 +78,14 @@ def plan_pipeline(config: PerceiverConfig, num_stages: int, split_points: Option
         raise ValueError(f"split_points must be {num_stages} increasing module indices starting at 0 and below "
                          f"{modules}, got {split_points}")
     plan = PipelinePlan(config, num_stages, split_points, schedule, n_microbatches)
-    if config.share_weights and config.num_layers > 1:
-        holders = {s for s in range(num_stages) for i in plan.stage_indices(s) if 2 <= i < modules - 1}
+    period = sharing_period(config)
+    for first in range(min(period, config.num_layers)) if period < config.num_layers else ():
+        # processors first, first + period, ... are one module: one stage must hold them all
+        holders = {s for s in range(num_stages) for i in plan.stage_indices(s)
+                   if 2 <= i < modules - 1 and (i - 2) % period == first}
         if len(holders) > 1:
-            raise ValueError("share_weights=True reuses one processor block, so all processors must sit in one "
-                             f"stage; stages {sorted(holders)} hold processors with split_points={split_points}")
+            what = ("share_weights=True reuses one processor block, so all processors" if config.share_weights else
+                    f"layers_per_block={period} makes processors {first}, {first + period}, ... one block, so they")
+            raise ValueError(f"{what} must sit in one stage; stages {sorted(holders)} hold them with "
+                             f"split_points={split_points}")
     return plan
