@@ -5,8 +5,8 @@ thing faster); its settings in `percnb.config`; training in `percnb.train`; pipe
 `percnb.pipeline`; data in `percnb.data`; plots and widgets in `percnb.viz` and `percnb.widgets`; DeepMind's
 pretrained Perceivers, converted from `transformers`, in `percnb.hub` (the optional extra `percnb[hub]`).
 """
-from .config import PerceiverConfig, image_config, mlm_config
-from .encodings import build_position_encoding, fourier_features, sinusoid_encoding
+from .config import PerceiverConfig, image_config, image_io_config, mlm_config
+from .encodings import build_position_encoding, fourier_encode, fourier_features, grid_coordinates, sinusoid_encoding
 from .models import (
     Block,
     DecoderBlock,
@@ -14,6 +14,7 @@ from .models import (
     EncoderBlock,
     Perceiver,
     PerceiverImage,
+    PerceiverImageIO,
     PerceiverMLM,
     ProcessorBlock,
     get_distributed_model,
@@ -22,7 +23,8 @@ from .models import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "PerceiverConfig", "build_position_encoding", "fourier_features", "sinusoid_encoding", "Block", "Embeddings",
+    "PerceiverConfig", "build_position_encoding", "fourier_encode", "fourier_features", "grid_coordinates",
+    "sinusoid_encoding", "Block", "Embeddings",
     "EncoderBlock", "ProcessorBlock", "DecoderBlock", "get_sequential_from_config", "Perceiver", "PerceiverImage",
-    "PerceiverMLM", "image_config", "mlm_config", "get_distributed_model",
+    "PerceiverMLM", "PerceiverImageIO", "image_config", "image_io_config", "mlm_config", "get_distributed_model",
 ]

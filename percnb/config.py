@@ -1,5 +1,5 @@
 """`PerceiverConfig`: every size and switch of a Perceiver, validated once, JSON round-trippable; and the
-two ready configs the notebooks use, `image_config` and `mlm_config`."""
+ready configs the notebooks use, `image_config`, `image_io_config` and `mlm_config`."""
 from __future__ import annotations
 
 import dataclasses
@@ -417,5 +417,27 @@ def mlm_config(seq_len: int, vocab_size: int, **overrides) -> PerceiverConfig:
                   latent_dim=256, output_dim=256, ffw_latent=1024, ffw_output=1024, num_heads=8, num_layers=4,
                   cross_heads=4, pos_encoding="sinusoid", latents_from_inputs=True, queries_from_latents=True,
                   decoder_residual=True)
+    fields.update(overrides)
+    return PerceiverConfig(**fields)
+
+
+def image_io_config(channels: int, height: int, width: int, n_classes: int, **overrides) -> PerceiverConfig:
+    """A PerceiverConfig for `PerceiverImageIO`: sets of (channels values + 2-D Fourier position) pixels of
+    height x width images in, a class query plus pixel queries out; any field can be overridden.
+
+    The positions travel with the pixels as features (pos_encoding='none'), so a set may hold any
+    number of pixels: input_len = height * width is nominal and input_shape = (height, width) sets the
+    Fourier resolution. The decoder keeps one output per query (decoder_reduction=None) without a
+    shared head (decoder_projection=False): the model's own class and pixel heads read them. The
+    defaults are notebook 06's recipe (16 latents of 64, 2 layers, 4 cross-attention heads).
+    """
+    checks.positive_int("channels", channels)
+    fourier_bands = overrides.get("fourier_bands", 6)
+    checks.positive_int("fourier_bands", fourier_bands)
+    fields = dict(input_len=height * width, input_shape=(height, width),
+                  input_channels=channels + 2 * (2 * fourier_bands + 1), input_dim=64, latent_len=16,
+                  latent_dim=64, output_len=1, output_dim=64, ffw_latent=256, ffw_output=128, num_heads=4,
+                  num_layers=2, cross_heads=4, pos_encoding="none", fourier_bands=fourier_bands,
+                  decoder_reduction=None, decoder_projection=False, decoder_residual=True, n_classes=n_classes)
     fields.update(overrides)
     return PerceiverConfig(**fields)

@@ -1,13 +1,15 @@
 """The Perceiver (Jaegle et al. 2021) and Perceiver IO (2022), read top to bottom: attention, the MLP,
 the pre-LayerNorm block, then the model, which reads its inputs into a few latents, thinks in the latents
 and reads them back out. Fast kernels that compute the same thing live in percnb/fast.py; each is tested
-equal to the code here. The seed's nn.Sequential pieces, for pipelines, close the file.
+equal to the code here. The seed's nn.Sequential pieces, for pipelines, follow; Perceiver IO on pixel sets
+(notebook 06) closes the file.
 
 Shapes: inputs (batch, M, input_dim), latents (batch, N, latent_dim), decoder queries (batch, O, output_dim).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections import OrderedDict
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -16,12 +18,13 @@ import torch
 from torch import nn
 
 from . import checks, fast
-from .config import PerceiverConfig, image_config, mlm_config
-from .encodings import build_position_encoding
+from .config import PerceiverConfig, image_config, image_io_config, mlm_config
+from .encodings import build_position_encoding, fourier_encode, grid_coordinates
 
 __all__ = [
     "PerceiverConfig", "build_position_encoding", "attention", "MLP", "Block", "Perceiver", "PerceiverImage",
-    "PerceiverMLM", "image_config", "mlm_config", "InputEmbedding", "Embeddings", "EncoderBlock", "ProcessorBlock",
+    "PerceiverMLM", "PerceiverImageIO", "image_config", "image_io_config", "mlm_config",
+    "InputEmbedding", "Embeddings", "EncoderBlock", "ProcessorBlock",
     "DecoderBlock", "get_sequential_from_config", "get_distributed_model",
 ]
 
@@ -285,13 +288,13 @@ class Perceiver(nn.Module):
 
     @classmethod
     def load(cls, path: str, map_location: Union[str, torch.device] = "cpu") -> Perceiver:
-        """Rebuild the model saved by `save` (its own class: Perceiver, PerceiverImage or
-        PerceiverMLM), in eval mode, with bit-identical weights. Files of the seed's layout
+        """Rebuild the model saved by `save` (its own class: Perceiver, PerceiverImage, PerceiverMLM or
+        PerceiverImageIO), in eval mode, with bit-identical weights. Files of the seed's layout
         ("percnb/1", before percnb/2) load too: their keys are converted (`model_key`)."""
         payload = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, "percnb/1"):
             raise ValueError(f"{path} is not a file written by percnb's Perceiver.save")
-        classes = {k.__name__: k for k in (Perceiver, PerceiverImage, PerceiverMLM)}
+        classes = {k.__name__: k for k in (Perceiver, PerceiverImage, PerceiverMLM, PerceiverImageIO)}
         target = classes.get(payload["class"])
         if target is None or not issubclass(target, cls):
             raise ValueError(f"{path} holds a {payload['class']}, which {cls.__name__}.load cannot return; "
@@ -764,3 +767,70 @@ def get_distributed_model(config: PerceiverConfig, *args, **kwargs):
     (imported here, when called, so that importing percnb.models does not import the pipeline)."""
     from .pipeline import get_distributed_model as build
     return build(config, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------- Perceiver IO on pixel sets (notebook 06)
+
+class PerceiverImageIO(Perceiver):
+    """Perceiver IO on images: any subset of a picture's pixels in, a class and pixels at any (row, col) out.
+
+    forward(values (batch, M, channels), coords (batch, M, 2), attention_mask (batch, M) or None,
+    query_coords (batch, Q, 2), return_attentions=False) -> (logits (batch, n_classes), pixels (batch,
+    Q, channels)), plus the attention maps with return_attentions. Each input item is one pixel: its
+    values (standardised with `pixel_mean`, `pixel_std`) and the Fourier features of its (row, col)
+    in [-1, 1] (`percnb.data.pixel_set` builds padded sets with a mask). The decoder reads the latents
+    with Q + 1 queries in one pass: a learned class query, then one query per coordinate, the Fourier
+    features of the coordinate through a linear map, so any point (between pixels too) can be asked for.
+    Use `image_io_config` for a config; `Perceiver.load` restores it with the pixel statistics.
+    """
+
+    def __init__(self, config: PerceiverConfig, fast: bool = True, pixel_mean: float = 0.0, pixel_std: float = 1.0):
+        shape = config.input_shape
+        if config.pos_encoding != "none" or shape is None or len(shape) != 2 or config.decoder_reduction is not None \
+                or config.decoder_projection or config.decoder_type != "attention" or config.n_classes is None:
+            raise ValueError("PerceiverImageIO needs pos_encoding='none' (positions come with the pixels), "
+                             "input_shape=(height, width), decoder_type='attention', decoder_reduction=None, "
+                             "decoder_projection=False and n_classes; use image_io_config")
+        channels = (config.input_channels or config.input_dim) - config.fourier_dim
+        if channels < 1:
+            raise ValueError(f"input_channels must be the pixel channels + {config.fourier_dim} Fourier channels, "
+                             f"got {config.input_channels}; use image_io_config")
+        super().__init__(config, fast)
+        self.channels = channels
+        # Buffers, not settings: saved with the weights, so `Perceiver.load` restores them.
+        self.register_buffer("pixel_mean", torch.tensor(checks.real("pixel_mean", pixel_mean, minimum=-math.inf,
+                                                                    strict=True)))
+        self.register_buffer("pixel_std", torch.tensor(checks.positive_float("pixel_std", pixel_std)))
+        with seeded(config, config.num_layers + 3):
+            self.class_query = nn.Parameter(torch.randn(config.output_dim) * config.pos_init_std)
+            self.pixel_query = nn.Linear(config.fourier_dim, config.output_dim)
+            self.class_head = nn.Linear(config.output_dim, config.n_classes)
+            self.pixel_head = nn.Linear(config.output_dim, channels)
+
+    def encode_position(self, coords: torch.Tensor) -> torch.Tensor:
+        """(..., 2) (row, col) in [-1, 1] -> (..., fourier_dim), at the resolution of input_shape."""
+        c = self.config
+        return fourier_encode(coords, c.fourier_bands, c.input_shape)
+
+    def forward(self, values: torch.Tensor, coords: torch.Tensor,  # type: ignore[override]
+                attention_mask: Optional[torch.Tensor], query_coords: torch.Tensor, return_attentions: bool = False):
+        checks.shape("values", values, ("batch", "M", ("channels", self.channels)))
+        batch, m = values.shape[:2]
+        checks.shape("coords", coords, (("batch", batch), ("M", m), ("2 = (row, col)", 2)))
+        checks.shape("query_coords", query_coords, (("batch", batch), "queries", ("2 = (row, col)", 2)))
+        x = torch.cat([(values - self.pixel_mean) / self.pixel_std, self.encode_position(coords)], dim=-1)
+        queries = torch.cat([self.class_query.expand(batch, 1, -1),                   # (batch, 1 + Q, output_dim)
+                             self.pixel_query(self.encode_position(query_coords))], dim=1)
+        out = super().forward(x, attention_mask, queries, return_attentions)
+        out, maps = out if return_attentions else (out, None)
+        logits, pixels = self.class_head(out[:, 0]), self.pixel_head(out[:, 1:])
+        return (logits, pixels, maps) if return_attentions else (logits, pixels)
+
+    def decode_grid(self, values: torch.Tensor, coords: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                    height: int, width: int) -> torch.Tensor:
+        """The image at any resolution: the pixel queries of a height x width grid over [-1, 1]^2, decoded
+        in one pass -> (batch, channels, height, width). The output size is a choice at inference."""
+        grid = grid_coordinates((checks.positive_int("height", height), checks.positive_int("width", width)),
+                                values.dtype).to(values.device)
+        _, pixels = self(values, coords, attention_mask, grid.expand(len(values), -1, -1))
+        return pixels.transpose(1, 2).unflatten(2, (height, width))

@@ -2,7 +2,8 @@
 
 A task is a model plus a `step_fn(model, batch) -> (loss, n_correct, n_counted)`; the default is
 classification with cross-entropy on `(inputs, targets)` batches; the masked language model passes
-`masked_lm_step`, which decodes and scores only the masked positions.
+`masked_lm_step`, which decodes and scores only the masked positions, and Perceiver IO on pixel sets
+`image_io_step`, which asks for a class and for pixels in one pass.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import checks
+from .data.images import pixel_set, pixels_at, random_keep
 from .data.text import IGNORE
+from .encodings import grid_coordinates
 
 StepFn = Callable[[nn.Module, Sequence[torch.Tensor]], Tuple[torch.Tensor, int, int]]
 Data = Union[Dataset, DataLoader, Tuple[torch.Tensor, ...]]
@@ -52,6 +55,44 @@ def masked_lm_step(model: nn.Module, batch: Sequence[torch.Tensor]) -> Tuple[tor
     loss = F.cross_entropy(logits.flatten(0, 1), picked.flatten(), ignore_index=IGNORE)
     counted = picked != IGNORE
     return loss, int(((logits.argmax(-1) == picked) & counted).sum()), int(counted.sum())
+
+
+def image_io_step(model: nn.Module, batch: Sequence[torch.Tensor], *, pixel_weight: float = 100.0,
+                  fractions: Tuple[float, float] = (0.1, 1.0), grid_queries: int = 32,
+                  random_queries: int = 16) -> Tuple[torch.Tensor, int, int]:
+    """One Perceiver IO step on an `(images, labels)` batch for a `PerceiverImageIO`: each image shows a
+    random fraction of its pixels, drawn uniformly from `fractions`, and the model answers its class
+    query and pixel queries in one pass.
+
+    images: (batch, channels, height, width) in their own units (the targets); labels: (batch,) long.
+    The pixel queries are `grid_queries` grid pixels (the same random ones for the batch, seen or not)
+    and `random_queries` uniform points of [-1, 1]^2 whose targets are bilinear (`pixels_at`): a model
+    only answers between pixels if it was asked there. Loss: cross-entropy + pixel_weight * MSE.
+    Draws from torch's global generator, which `fit(seed=...)` seeds. For `fit(step_fn=...)` bind the
+    settings with functools.partial.
+    """
+    checks.real("pixel_weight", pixel_weight, minimum=0.0, strict=False, hint="; 0 trains the class query only")
+    if not (isinstance(fractions, (tuple, list)) and len(fractions) == 2):
+        raise ValueError(f"fractions must be a (low, high) pair, got {fractions!r}")
+    low, high = (checks.real(f"fractions[{i}]", f, minimum=0.0, strict=True) for i, f in enumerate(fractions))
+    if not low <= high <= 1:
+        raise ValueError(f"fractions must be (low, high) with 0 < low <= high <= 1, got {fractions!r}")
+    checks.int_at_least("grid_queries", grid_queries, 0)
+    checks.int_at_least("random_queries", random_queries, 0)
+    images, labels = batch[0], batch[1]
+    checks.shape("images", images, ("batch", "channels", "height", "width"))
+    b, _, h, w = images.shape
+    if grid_queries > h * w:
+        raise ValueError(f"grid_queries={grid_queries} asks for more grid pixels than an image has ({h * w})")
+    keep = random_keep(b, h * w, low + (high - low) * torch.rand(b))
+    grid = grid_coordinates((h, w), images.dtype)[torch.randperm(h * w)[:grid_queries]]
+    queries = torch.cat([grid.to(images.device).expand(b, -1, -1),
+                         torch.rand(b, random_queries, 2, dtype=images.dtype, device=images.device) * 2 - 1], 1)
+    logits, pixels = model(*pixel_set(images, keep.to(images.device)), queries)
+    loss = F.cross_entropy(logits, labels)
+    if queries.shape[1]:
+        loss = loss + pixel_weight * F.mse_loss(pixels, pixels_at(images, queries))
+    return loss, int((logits.argmax(-1) == labels).sum()), labels.numel()
 
 
 @dataclass

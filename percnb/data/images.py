@@ -4,10 +4,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
+
+from .. import checks
+from ..encodings import grid_coordinates
 
 Split = Tuple[torch.Tensor, torch.Tensor]
 
@@ -189,3 +192,78 @@ class RandomShift:
         idx = torch.arange(n)[:, None, None]
         shifted = padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
         return [shifted, *rest]
+
+
+# --------------------------------------------------------------------------- pixel sets (Perceiver IO, notebook 06)
+
+class PixelSet(NamedTuple):
+    """Some pixels of each image as a padded set: values (batch, M, channels), coords (batch, M, 2) as
+    (row, col) in [-1, 1], mask (batch, M) bool (True = a real pixel, False = padding)."""
+
+    values: torch.Tensor
+    coords: torch.Tensor
+    mask: torch.Tensor
+
+
+def random_keep(batch: int, num_positions: int, fractions: torch.Tensor,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Which positions each sample keeps: (batch, num_positions) bool, row i with exactly
+    max(1, round(fractions[i] * num_positions)) True, chosen uniformly at random.
+
+    fractions: (batch,) floats in (0, 1]. At least one position is kept, so that no set is empty.
+    """
+    checks.positive_int("batch", batch)
+    checks.positive_int("num_positions", num_positions)
+    checks.shape("fractions", fractions, (("batch", batch),))
+    if not fractions.is_floating_point() or not bool(((fractions > 0) & (fractions <= 1)).all()):
+        raise ValueError(f"fractions must be floats in (0, 1], got {checks.describe(fractions)} with values from "
+                         f"{float(fractions.min()):g} to {float(fractions.max()):g}")
+    counts = (fractions * num_positions).round().clamp(1, num_positions).long()          # (batch,)
+    ranks = torch.rand(batch, num_positions, generator=generator).argsort(1).argsort(1)  # a random permutation
+    return ranks < counts[:, None]
+
+
+def pixel_set(images: torch.Tensor, keep: torch.Tensor, pad_to: Optional[int] = None) -> PixelSet:
+    """The kept pixels of each image as a padded set with a mask, ready for a Perceiver.
+
+    images: (batch, channels, height, width); keep: (batch, height * width) bool, raster order.
+    Returns PixelSet(values (batch, M, channels), coords (batch, M, 2), mask (batch, M)) with M the
+    most pixels any image keeps (or `pad_to`, which must be at least that). Each row holds its kept
+    pixels first, in raster order; the padding repeats pixel 0 and is masked out.
+    """
+    checks.shape("images", images, ("batch", "channels", "height", "width"))
+    b, c, h, w = images.shape
+    checks.shape("keep", keep, (("batch", b), ("height * width", h * w)))
+    if keep.dtype != torch.bool:
+        raise TypeError(f"keep must be a bool tensor (True = the pixel is seen), got {checks.describe(keep)}")
+    counts = keep.sum(1)
+    most = int(counts.max())
+    if pad_to is not None:
+        checks.int_at_least("pad_to", pad_to, most)
+    m = most if pad_to is None else pad_to
+    # A stable sort on "not kept" puts each row's kept pixels first, in raster order.
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    if m > h * w:                      # padding beyond the image: repeat pixel 0 (masked anyway)
+        order = torch.cat([order, order.new_zeros(b, m - h * w)], 1)
+    order = order[:, :m]
+    mask = torch.arange(m, device=keep.device)[None, :] < counts[:, None]
+    values = images.flatten(2).transpose(1, 2).gather(1, order[..., None].expand(-1, -1, c))
+    coords = grid_coordinates((h, w), images.dtype).to(images.device)[order]
+    return PixelSet(values, coords, mask)
+
+
+def pixels_at(images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Pixel values at continuous (row, col) coordinates in [-1, 1], by bilinear interpolation.
+
+    images: (batch, channels, height, width); coords: (batch, queries, 2) -> (batch, queries, channels).
+    -1 and 1 are the centres of the first and last pixels (align_corners=True), so on the grid points
+    of `grid_coordinates` the pixels come back exactly, and between them their weighted mean.
+    """
+    checks.shape("images", images, ("batch", "channels", "height", "width"))
+    checks.shape("coords", coords, (("batch", len(images)), "queries", ("2 = (row, col)", 2)))
+    if not images.is_floating_point() or coords.dtype != images.dtype:
+        raise TypeError(f"images and coords must be floats of one dtype, got images {checks.describe(images)} "
+                        f"and coords {checks.describe(coords)}")
+    grid = coords.flip(-1)[:, :, None, :]          # grid_sample reads (x, y) = (col, row)
+    out = torch.nn.functional.grid_sample(images, grid, mode="bilinear", align_corners=True)  # (b, c, Q, 1)
+    return out[..., 0].transpose(1, 2)
