@@ -29,8 +29,8 @@ def test_mlm_figures_are_the_checkpoint_reports():
     import json
     root = README.parent
     section = _section("Byte-level masked language model")
-    report = json.loads((root / "checkpoints" / "mlm_bytes.json").read_text())
-    study = json.loads((root / "checkpoints" / "mlm_study.json").read_text())["results"]
+    report = json.loads((root / "percnb" / "assets" / "mlm_bytes.json").read_text())
+    study = json.loads((root / "percnb" / "assets" / "mlm_study.json").read_text())["results"]
     figures = [report["test_accuracy"], *report["baselines"].values()]
     figures += [r["val_accuracy"][-1] for r in study.values()]
     for value in figures:
