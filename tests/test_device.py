@@ -123,7 +123,7 @@ def test_fit_with_amp_keeps_float32_weights_and_follows_float32_training():
     runs = {}
     for amp in (False, True):
         model = small_model()
-        history = fit(model, data, steps=20, batch_size=16, lr=1e-2, schedule="constant", warmup=0, progress=False,
+        history = fit(model, data, steps=8, batch_size=16, lr=1e-2, schedule="constant", warmup=0, progress=False,
                       amp=amp, device="cpu")
         assert all(p.dtype == torch.float32 for p in model.parameters())
         runs[amp] = history.loss
