@@ -112,6 +112,13 @@ def _home(model: nn.Module) -> Optional[torch.device]:
     return None
 
 
+def _run_device(device, home: Optional[torch.device]) -> torch.device:
+    # A model the user already put on a GPU stays there; otherwise percnb's default (CUDA when present).
+    if device is None and home is not None and home.type == "cuda":
+        return home
+    return resolve_device(device)
+
+
 def _warmup_steps(warmup, total: int) -> int:
     """`warmup` as a step count: a fraction in [0, 1) of `total`, or a whole number of steps <= total."""
     message = f"warmup must be a fraction in [0, 1) or a step count <= {total}, got {warmup!r}"
@@ -161,14 +168,15 @@ def evaluate(model: nn.Module, data: Data, *, step_fn: Optional[StepFn] = None, 
     """Mean loss (weighted by counted items) and accuracy of `model` on `data`, in eval mode; the model
     gets its own modes back afterwards, also when a step raises.
 
-    Runs on `device` (default `percnb.device.default_device()`: CUDA when present, else CPU) and hands
-    the model back on the device it came on; `amp=True` evaluates under bfloat16 autocast."""
+    Runs on `device` (default: the model's GPU if it is on one, else `percnb.device.default_device()`:
+    CUDA when present, else CPU) and hands the model back on the device it came on; `amp=True`
+    evaluates under bfloat16 autocast."""
     checks.positive_int("batch_size", batch_size)
     checks.callable_or_none("step_fn", step_fn)
     checks.boolean("amp", amp)
     step_fn = step_fn or classification_step
-    device = resolve_device(device)
     home = _home(model)
+    device = _run_device(device, home)
     modes = _module_modes(model)
     model.to(device).eval()
     total_loss, correct, count = 0.0, 0, 0
@@ -204,10 +212,11 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
     (default: once per epoch) and at the end. `max_seconds` stops early (after the current step)
     once that much training time has passed. Same seed, same data order, same result.
 
-    Training runs on `device` (default `percnb.device.default_device()`: the GPU when there is one,
-    else the CPU); the model is handed back on the device it came on, so code after fit keeps using
-    its own tensors. `amp=True` runs forward passes under bfloat16 autocast on that device (faster on
-    GPUs with bfloat16 units; the weights, their gradients and AdamW's state stay float32).
+    Training runs on `device` (default: the model's GPU if it is on one, else
+    `percnb.device.default_device()`: the GPU when there is one, else the CPU); the model is handed
+    back on the device it came on, so code after fit keeps using its own tensors. `amp=True` runs
+    forward passes under bfloat16 autocast on that device (faster on GPUs with bfloat16 units; the
+    weights, their gradients and AdamW's state stay float32).
 
     Every setting is checked before the first step (a ValueError or TypeError naming it), and so is
     val_data's length. A non-finite loss, or a finite loss whose gradients hold NaN or inf, raises
@@ -237,9 +246,9 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
     if step_fn is not None and label_smoothing:
         raise ValueError("label_smoothing applies to the default classification step; "
                          "a custom step_fn handles its own loss")
-    device = resolve_device(device)
-    autocast(device, amp)                   # an amp the device cannot do fails here, before any step
     home = _home(model)
+    device = _run_device(device, home)
+    autocast(device, amp)                   # an amp the device cannot do fails here, before any step
     torch.manual_seed(seed)  # dropout masks and anything random in augment
     generator = torch.Generator().manual_seed(seed)
     loader = _as_loader(train_data, batch_size, True, generator, "train_data")

@@ -131,3 +131,11 @@ def test_fit_with_amp_keeps_float32_weights_and_follows_float32_training():
     # 0.1% here (measured); 1% leaves room for another CPU's kernels.
     for step, (mixed, exact) in enumerate(zip(runs[True], runs[False])):
         assert abs(mixed - exact) <= 0.01 * exact, (step, mixed, exact)
+
+
+def test_a_model_already_on_a_gpu_trains_where_it_is(monkeypatch):
+    from percnb.train import _run_device
+    fake_gpus(monkeypatch, 2)
+    assert _run_device(None, torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert _run_device(None, torch.device("cpu")) == torch.device("cuda", 0)      # a CPU model goes to the GPU
+    assert _run_device("cpu", torch.device("cuda", 1)) == torch.device("cpu")     # an explicit device wins
