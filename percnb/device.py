@@ -65,4 +65,5 @@ def describe(device: Optional[torch.device] = None) -> str:
     if device.type == "cuda":
         count = torch.cuda.device_count()
         return f"{device} ({torch.cuda.get_device_name(device)}), {count} CUDA device{'s' * (count != 1)}"
-    return f"{device} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores)"
+    threads, cores = torch.get_num_threads(), os.cpu_count()
+    return f"{device} ({threads} torch thread{'s' * (threads != 1)}, {cores} core{'s' * (cores != 1)})"
