@@ -34,6 +34,8 @@ lab: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check percnb tests scripts benchmarks
 
+# tests/ includes tests/test_wheel.py: the wheel, pip-installed into a fresh venv, runs every notebook
+# from a folder outside the repository (the Colab-like path); the nbval line below runs them in place.
 test: lint
 	$(PY) -m pytest tests/ -q
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \

@@ -306,6 +306,17 @@ class Perceiver(nn.Module):
         model.load_state_dict(state)
         return model.eval()
 
+    @classmethod
+    def from_pretrained(cls, name: str = "bytes-mlm", map_location: Union[str, torch.device] = "cpu") -> Perceiver:
+        """A model that ships inside the package (`percnb.assets.PRETRAINED`; "bytes-mlm" is notebook
+        04's byte-level PerceiverMLM), rebuilt as `load` does; `percnb.assets.report(name)` is its report."""
+        from . import assets
+        model = assets.load_pretrained(name, map_location)
+        if not isinstance(model, cls):
+            raise ValueError(f"{name!r} is a {type(model).__name__}, which {cls.__name__}.from_pretrained cannot "
+                             f"return; use {type(model).__name__}.from_pretrained")
+        return model
+
 
 class PerceiverImage(Perceiver):
     """Image classifier: (batch, channels, height, width) raw pixels -> (batch, n_classes) logits.

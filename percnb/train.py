@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from . import checks
 from .data.images import pixel_set, pixels_at, random_keep
 from .data.text import IGNORE
+from .device import autocast, resolve_device
 from .encodings import grid_coordinates
 
 StepFn = Callable[[nn.Module, Sequence[torch.Tensor]], Tuple[torch.Tensor, int, int]]
@@ -145,6 +146,20 @@ def _to(batch, device):
     return [t.to(device) if isinstance(t, torch.Tensor) else t for t in batch]
 
 
+def _home(model: nn.Module) -> Optional[torch.device]:
+    """The device the model's first parameter (or buffer) is on: where fit and evaluate hand it back."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return None
+
+
+def _run_device(device, home: Optional[torch.device]) -> torch.device:
+    # A model the user already put on a GPU stays there; otherwise percnb's default (CUDA when present).
+    if device is None and home is not None and home.type == "cuda":
+        return home
+    return resolve_device(device)
+
+
 def _warmup_steps(warmup, total: int) -> int:
     """`warmup` as a step count: a fraction in [0, 1) of `total`, or a whole number of steps <= total."""
     message = f"warmup must be a fraction in [0, 1) or a step count <= {total}, got {warmup!r}"
@@ -190,24 +205,33 @@ def _check_gradients(model: nn.Module, step: int, loss: torch.Tensor) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Data, *, step_fn: Optional[StepFn] = None, batch_size: int = 256,
-             device: Optional[Union[str, torch.device]] = None) -> Dict[str, float]:
+             device: Optional[Union[str, torch.device]] = None, amp: bool = False) -> Dict[str, float]:
     """Mean loss (weighted by counted items) and accuracy of `model` on `data`, in eval mode; the model
-    gets its own modes back afterwards, also when a step raises."""
+    gets its own modes back afterwards, also when a step raises.
+
+    Runs on `device` (default: the model's GPU if it is on one, else `percnb.device.default_device()`:
+    CUDA when present, else CPU) and hands the model back on the device it came on; `amp=True`
+    evaluates under bfloat16 autocast."""
     checks.positive_int("batch_size", batch_size)
     checks.callable_or_none("step_fn", step_fn)
+    checks.boolean("amp", amp)
     step_fn = step_fn or classification_step
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    home = _home(model)
+    device = _run_device(device, home)
     modes = _module_modes(model)
-    model.eval()
+    model.to(device).eval()
     total_loss, correct, count = 0.0, 0, 0
     try:
         for batch in _as_loader(data, batch_size, False, None, "data"):
-            loss, n_correct, n = step_fn(model, _to(batch, device))
+            with autocast(device, amp):
+                loss, n_correct, n = step_fn(model, _to(batch, device))
             total_loss += float(loss) * n
             correct += n_correct
             count += n
     finally:
         _restore_modes(modes)
+        if home is not None:
+            model.to(home)
     if count == 0:
         raise ValueError("data is empty: nothing to evaluate")
     return {"loss": total_loss / count, "accuracy": correct / count}
@@ -218,7 +242,7 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
         schedule: str = "onecycle", warmup: Union[float, int] = 0.1, grad_clip: Optional[float] = None,
         label_smoothing: float = 0.0, augment: Optional[Callable] = None, step_fn: Optional[StepFn] = None,
         eval_every: Optional[int] = None, max_seconds: Optional[float] = None, seed: int = 0,
-        progress: bool = True, device: Optional[Union[str, torch.device]] = None,
+        progress: bool = True, device: Optional[Union[str, torch.device]] = None, amp: bool = False,
         callback: Optional[Callable[[int, History], None]] = None) -> History:
     """Train `model` with AdamW and a learning-rate schedule; returns a `History`.
 
@@ -228,6 +252,12 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
     (default: classification with `label_smoothing`). Validation runs every `eval_every` steps
     (default: once per epoch) and at the end. `max_seconds` stops early (after the current step)
     once that much training time has passed. Same seed, same data order, same result.
+
+    Training runs on `device` (default: the model's GPU if it is on one, else
+    `percnb.device.default_device()`: the GPU when there is one, else the CPU); the model is handed
+    back on the device it came on, so code after fit keeps using its own tensors. `amp=True` runs
+    forward passes under bfloat16 autocast on that device (faster on GPUs with bfloat16 units; the
+    weights, their gradients and AdamW's state stay float32).
 
     Every setting is checked before the first step (a ValueError or TypeError naming it), and so is
     val_data's length. A non-finite loss, or a finite loss whose gradients hold NaN or inf, raises
@@ -241,6 +271,7 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
             checks.positive_int(name, value)
     checks.optional(checks.positive_int)("eval_every", eval_every)
     checks.choice("schedule", schedule, LR_SCHEDULES)
+    checks.boolean("amp", amp)
     checks.real("lr", lr, minimum=0.0, strict=True, hint="; AdamW's usual peak is about 1e-3")
     checks.real("weight_decay", weight_decay, minimum=0.0, strict=False, hint="; 0 turns weight decay off")
     if grad_clip is not None:
@@ -256,7 +287,9 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
     if step_fn is not None and label_smoothing:
         raise ValueError("label_smoothing applies to the default classification step; "
                          "a custom step_fn handles its own loss")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    home = _home(model)
+    device = _run_device(device, home)
+    autocast(device, amp)                   # an amp the device cannot do fails here, before any step
     torch.manual_seed(seed)  # dropout masks and anything random in augment
     generator = torch.Generator().manual_seed(seed)
     loader = _as_loader(train_data, batch_size, True, generator, "train_data")
@@ -300,7 +333,8 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
                 batch = _to(batch, device)
                 if augment is not None:
                     batch = augment(batch)
-                loss, n_correct, n = step_fn(model, batch)
+                with autocast(device, amp):
+                    loss, n_correct, n = step_fn(model, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower lr or add grad_clip")
                 optimizer.zero_grad(set_to_none=True)
@@ -317,7 +351,7 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
                 history.train_accuracy.append(n_correct / max(n, 1))
                 timed_out = max_seconds is not None and time.perf_counter() - start >= max_seconds
                 if val_data is not None and (step % eval_every == 0 or step == total or timed_out):
-                    metrics = evaluate(model, val_data, step_fn=step_fn, device=device)
+                    metrics = evaluate(model, val_data, step_fn=step_fn, device=device, amp=amp)
                     history.eval_step.append(step)
                     history.val_loss.append(metrics["loss"])
                     history.val_accuracy.append(metrics["accuracy"])
@@ -348,6 +382,8 @@ def fit(model: nn.Module, train_data: Data, *, val_data: Optional[Data] = None, 
     finally:
         if bar is not None:
             bar.close()
+        if home is not None:
+            model.to(home)
     history.seconds = time.perf_counter() - start
     model.eval()
     return history

@@ -1,18 +1,20 @@
 """Train the byte-level PerceiverMLM that notebook 04 loads, or run the study behind its table.
 
-    python scripts/train_mlm.py --overwrite-shipped          # the shipped checkpoint: checkpoints/mlm_bytes.pt
-                                                             # (+ .json)
+    python scripts/train_mlm.py --overwrite-shipped          # the shipped checkpoint:
+                                                             # percnb/assets/mlm_bytes.pt (+ .json)
     python scripts/train_mlm.py --study --overwrite-shipped  # each design choice for 600 steps, 2 at a time:
-                                                             # checkpoints/mlm_study.json
+                                                             # percnb/assets/mlm_study.json
     python scripts/train_mlm.py --steps 200 --out /tmp/mlm.pt   # a quick run
 
-Replacing a shipped file (checkpoints/mlm_bytes.pt, mlm_bytes.json, mlm_study.json) needs
+The shipped files live in the package (percnb/assets/, read through `percnb.assets` and
+`PerceiverMLM.from_pretrained("bytes-mlm")`), so a pip-installed percnb has them too.
+Replacing one (percnb/assets/mlm_bytes.pt, mlm_bytes.json, mlm_study.json) needs
 --overwrite-shipped; a missing one is made without it. Every output path is checked before the first
 step, and every file is written atomically (percnb.io): an interrupted run leaves the old file whole.
 
-Text: the Python documentation topics (`pydoc_data.topics`), split by document into train/val/test
-(`percnb.data.text.load_text_splits`, seed 0). Choices are made on the validation split; the test
-split is scored once, at the end of the checkpoint run, from the reloaded file.
+Text: the Python documentation topics (`pydoc_data.topics` of Python 3.11, the snapshot in percnb.assets),
+split by document into train/val/test (`percnb.data.text.load_text_splits`, seed 0). Choices are made on
+the validation split; the test split is scored once, at the end of the checkpoint run, from the reloaded file.
 """
 from __future__ import annotations
 
@@ -126,9 +128,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def shipped_folder() -> Path:
+    """Where the package keeps the files this script made (percnb.assets reads them from there)."""
+    return ROOT / "percnb" / "assets"
+
+
 def shipped_files() -> set:
-    """The artefacts this script made and the repository ships (notebook 04 and the README read them)."""
-    folder = ROOT / "checkpoints"
+    """The artefacts this script made and the package ships (notebook 04 and the README read them)."""
+    folder = shipped_folder()
     return {(folder / name).resolve() for name in ("mlm_bytes.pt", "mlm_bytes.json", "mlm_study.json")}
 
 
@@ -177,20 +184,20 @@ def main(argv=None) -> None:
     parser.add_argument("--only", type=natural, nargs="*",
                         help=f"study entries to run (indices 0..{len(STUDY) - 1}), default all")
     parser.add_argument("--out", type=Path, default=None,
-                        help="checkpoint path (default checkpoints/mlm_bytes.pt; its report is the same path "
-                             "with .json) or study JSON (default checkpoints/mlm_study.json)")
+                        help="checkpoint path (default percnb/assets/mlm_bytes.pt; its report is the same path "
+                             "with .json) or study JSON (default percnb/assets/mlm_study.json)")
     parser.add_argument("--overwrite-shipped", action="store_true",
-                        help="allow replacing the shipped checkpoints/mlm_bytes.pt, .json or mlm_study.json")
+                        help="allow replacing the shipped percnb/assets/mlm_bytes.pt, .json or mlm_study.json")
     args = parser.parse_args(argv)
     if args.only is not None and not args.study:
         parser.error("--only picks study entries; add --study")
     if args.only and max(args.only) >= len(STUDY):
         parser.error(f"--only: the study has entries 0..{len(STUDY) - 1}, got {max(args.only)}")
     if args.study:
-        out = args.out or ROOT / "checkpoints" / "mlm_study.json"
+        out = args.out or shipped_folder() / "mlm_study.json"
         check_outputs(parser, [out], args.overwrite_shipped)
     else:
-        out = args.out or ROOT / "checkpoints" / "mlm_bytes.pt"
+        out = args.out or shipped_folder() / "mlm_bytes.pt"
         check_outputs(parser, [out, out.with_suffix(".json")], args.overwrite_shipped)
     if args.eval_every is None:
         args.eval_every = 100 if args.study else 250

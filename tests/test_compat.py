@@ -1,9 +1,7 @@
 """What was saved before stays loadable and gives the same numbers: a checkpoint written by percnb's
 earlier layout ("percnb/1"), and the shipped byte-level MLM checkpoint with its reported test accuracy."""
-import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from percnb.models import Perceiver, PerceiverImage, PerceiverMLM
@@ -40,13 +38,13 @@ def test_saving_writes_the_current_format_and_loads_back(tmp_path):
     assert torch.equal(again(images), model(images))
 
 
-@pytest.mark.skipif(not (ROOT / "checkpoints" / "mlm_bytes.pt").exists(), reason="no shipped MLM checkpoint")
 def test_the_shipped_mlm_checkpoint_scores_its_reported_test_accuracy():
     # scripts/train_mlm.py scores the test split as below, from the reloaded file (format percnb/1)
+    from percnb import assets
     from percnb.data.text import ByteMasker, load_text_splits, masked_eval_set
     from percnb.train import evaluate, masked_lm_step
-    report = json.loads((ROOT / "checkpoints" / "mlm_bytes.json").read_text())
-    model = PerceiverMLM.load(ROOT / "checkpoints" / "mlm_bytes.pt")
+    report = assets.report("bytes-mlm")
+    model = PerceiverMLM.from_pretrained("bytes-mlm")
     inputs, targets = masked_eval_set(load_text_splits(seed=0).test, 128, ByteMasker(), seed=1)
     accuracy = evaluate(model, (inputs, targets), step_fn=masked_lm_step)["accuracy"]
     # Here it is the report's to the last digit (0.7426321949143526, before and after percnb/2); another

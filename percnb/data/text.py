@@ -1,6 +1,6 @@
-"""Real English text as UTF-8 bytes, offline: the Python documentation topics that ship with CPython
-(`pydoc_data.topics`, about 0.47 MB) or any text file; BERT-style masking shared by training and
-evaluation; and the two count baselines a masked byte model has to beat."""
+"""Real English text as UTF-8 bytes, offline: the Python documentation topics of CPython 3.11
+(`pydoc_data.topics`, about 0.47 MB, shipped as a snapshot in `percnb.assets`) or any text file;
+BERT-style masking shared by training and evaluation; and the two count baselines a masked byte model has to beat."""
 from __future__ import annotations
 
 import os
@@ -69,8 +69,10 @@ class TextSplits:
 
 def _documents(path: Optional[Union[str, os.PathLike]]) -> Dict[str, str]:
     if path is None:
-        from pydoc_data.topics import topics
-        return dict(topics)
+        # The shipped snapshot, not this interpreter's pydoc_data: every CPython release rewrites those
+        # topics, and the split, the baselines and the shipped model's test score must not move with it.
+        from ..assets import topics
+        return topics()
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path={path!r} is not a file; pass a UTF-8 text file or None for the "
@@ -87,7 +89,8 @@ def load_text_splits(path: Optional[Union[str, os.PathLike]] = None, val_fractio
     """Documents of real text, shuffled by `seed` and dealt into test, validation and train until each
     of test and validation holds about its fraction of the bytes (whole documents only).
 
-    path=None: the 79 Python documentation topics of `pydoc_data.topics` (ships with CPython, offline).
+    path=None: the 79 Python documentation topics of Python 3.11's `pydoc_data.topics`, from the snapshot
+    that ships with percnb (`percnb.assets.topics()`), so the splits are the same on every Python.
     A path: a UTF-8 text file whose blank-line separated paragraphs are the documents. Each split is
     its documents' UTF-8 bytes joined by a blank line.
     """

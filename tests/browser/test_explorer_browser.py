@@ -41,12 +41,10 @@ NOTEBOOK_CELLS = [
     "fit(model, data.train, epochs=6, batch_size=64, lr=3e-3, progress=False)\n"
     "explorer = AttentionExplorer(model, data.test[0][:8], labels=data.test[1][:8], class_names=data.classes)\n"
     "explorer",
-    # Text: the shipped byte model when the checkpoint is there (it is in the repository), else an untrained one.
-    "from pathlib import Path\n"
+    # Text: the shipped byte model (it ships inside the package).
     "from percnb.data.text import IGNORE, ByteMasker, load_text_splits, masked_eval_set\n"
     "from percnb.models import PerceiverMLM, mlm_config\n"
-    f"checkpoint = Path({str(ROOT / 'checkpoints' / 'mlm_bytes.pt')!r})\n"
-    "text_model = PerceiverMLM.load(checkpoint) if checkpoint.exists() else PerceiverMLM(mlm_config(128, 257))\n"
+    "text_model = PerceiverMLM.from_pretrained('bytes-mlm')\n"
     "tokens, targets = masked_eval_set(load_text_splits().test, 128, ByteMasker(), seed=1, max_windows=8)\n"
     "text_explorer = AttentionExplorer(text_model, tokens)\n"
     "text_explorer.layer.value = 'decoder'\n"

@@ -13,7 +13,7 @@ import torch
 from percnb.models import FORMAT, PerceiverMLM
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = [ROOT / "checkpoints" / name for name in ("mlm_bytes.pt", "mlm_bytes.json", "mlm_study.json")]
+SHIPPED = [ROOT / "percnb" / "assets" / name for name in ("mlm_bytes.pt", "mlm_bytes.json", "mlm_study.json")]
 
 
 class TrainingStarted(Exception):
@@ -73,7 +73,8 @@ def _stamps():
 
 
 @pytest.mark.parametrize("argv", [[], ["--steps", "5"], ["--study"], ["--study", "--only", "3"],
-                                  ["--out", str(ROOT / "checkpoints" / "mlm_bytes.tmp")]])   # its report is shipped
+                                  # its report is shipped:
+                                  ["--out", str(ROOT / "percnb" / "assets" / "mlm_bytes.tmp")]])
 def test_the_shipped_files_are_not_replaced_without_the_flag(script, capsys, argv):
     before = _stamps()
     message = refused(script, argv, capsys)
@@ -83,9 +84,9 @@ def test_the_shipped_files_are_not_replaced_without_the_flag(script, capsys, arg
 
 def _fake_checkout(script, monkeypatch, tmp_path, names):
     monkeypatch.setattr(script, "ROOT", tmp_path)
-    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "percnb" / "assets").mkdir(parents=True)
     for name in names:
-        (tmp_path / "checkpoints" / name).write_text("shipped")
+        (tmp_path / "percnb" / "assets" / name).write_text("shipped")
 
 
 def test_overwrite_shipped_lets_a_run_replace_them(script, monkeypatch, tmp_path):
