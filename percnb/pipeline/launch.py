@@ -63,7 +63,7 @@ def exit_with_parent(launcher_pipe=None, poll_seconds: float = 0.5) -> threading
             except (EOFError, OSError):
                 pass
         else:
-            while os.getppid() == parent:
+            while os.getppid() == parent != 1:    # 1: reparented to init, the parent died before this started
                 time.sleep(poll_seconds)
         print(f"percnb pipeline worker {os.getpid()}: the launcher is gone, exiting", file=sys.stderr, flush=True)
         os._exit(ORPHAN_EXIT_CODE)

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_SECONDS = 120    # until the workers reach their rendezvous (imports on a shared machine)
-EXIT_SECONDS = 20        # after the signal, until every process of the run is gone
+EXIT_SECONDS = 30        # after the signal, until every process of the run is gone
 
 LAUNCHER = '''
 import sys
@@ -107,7 +107,7 @@ def test_workers_exit_when_their_launcher_is_killed(tmp_path, start_method):
     _assert_all_gone(workers)
 
 
-@pytest.mark.timeout(STARTUP_SECONDS + 2 * EXIT_SECONDS + 30)
+@pytest.mark.timeout(STARTUP_SECONDS + 2 * EXIT_SECONDS + 60)
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
                     reason="torchrun is not installed beside this Python")
 def test_torchrun_workers_exit_when_torchrun_is_killed(tmp_path):
@@ -117,13 +117,14 @@ def test_torchrun_workers_exit_when_torchrun_is_killed(tmp_path):
                              env=_environment(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + STARTUP_SECONDS
-    while True:                                   # both workers printing losses: training has started
+    while True:                                   # both workers started (in start-up or training: either must end)
         workers = [p for p in _descendants(agent.pid) if "percnb.pipeline" in " ".join(p.cmdline())]
-        if len(workers) >= 2 and all(p.cpu_times().user > 2 for p in workers):
+        if len(workers) >= 2:
             break
         assert agent.poll() is None, f"torchrun ended early: {agent.communicate()}"
         assert time.monotonic() < deadline, "torchrun's workers did not start"
         time.sleep(0.5)
+    time.sleep(5)
     agent.kill()                                  # workers run in their own session: no signal reaches them
     agent.communicate()
     _assert_all_gone(workers)
