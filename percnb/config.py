@@ -225,6 +225,30 @@ class PerceiverConfig:
 
 # --------------------------------------------------------------------------- validation
 
+SEED_LIMIT = 2 ** 32
+"""Seeds are in [0, SEED_LIMIT): part p of a model is seeded with seed * 1_000_003 + p (`percnb.models.seeded`),
+which must fit the 64 bits of torch.manual_seed."""
+INIT_STD_MAX = 1e3
+"""Largest standard deviation of initial weights: beyond about 1e19 a LayerNorm's variance overflows float32
+(NaN outputs), and long before that training cannot recover."""
+
+
+def seed_in_range(name: str, value: Any) -> int:
+    """`value` as an int in [0, SEED_LIMIT)."""
+    checks.int_at_least(name, value, 0)
+    if value >= SEED_LIMIT:
+        raise ValueError(f"{name} must be an int in [0, 2**32), got {value}: each part of the model is seeded "
+                         f"with {name} * 1_000_003 + part, which must fit torch.manual_seed's 64 bits")
+    return int(value)
+
+
+def init_std(name: str, value: Any) -> float:
+    """`value` as a standard deviation of initial weights: finite, > 0 and below INIT_STD_MAX."""
+    checks.positive_float(name, value)
+    return checks.real(name, value, minimum=0, strict=True, maximum=INIT_STD_MAX,
+                       hint=" (larger initial weights overflow float32 inside LayerNorm and attention)")
+
+
 FIELD_RULES: Dict[str, Callable[[str, Any], Any]] = {
     **{name: checks.positive_int for name in ("input_len", "input_dim", "latent_len", "latent_dim", "output_len",
                                               "output_dim", "ffw_latent", "ffw_output", "num_heads", "num_layers",
@@ -241,10 +265,10 @@ FIELD_RULES: Dict[str, Callable[[str, Any], Any]] = {
     "decoder_residual": checks.boolean,
     "decoder_projection": checks.boolean,
     "n_classes": checks.optional(checks.positive_int),
-    "seed": partial(checks.int_at_least, minimum=0),
-    "pos_init_std": checks.positive_float,
-    "latent_init_std": checks.positive_float,
-    "token_init_std": checks.optional(checks.positive_float),
+    "seed": seed_in_range,
+    "pos_init_std": init_std,
+    "latent_init_std": init_std,
+    "token_init_std": checks.optional(init_std),
     **{name: checks.optional(checks.positive_int) for name in (
         "cross_qk_channels", "cross_v_channels", "self_qk_channels", "decoder_heads", "decoder_qk_channels",
         "decoder_v_channels", "ffw_cross", "layers_per_block", "pos_concat_dim")},

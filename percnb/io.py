@@ -5,13 +5,19 @@ disk (fsync), then renames it over `path` with `os.replace`, which POSIX and Win
 within one file system. A write that fails part-way (disk full, file size limit, an exception, Ctrl-C)
 removes its temporary file and leaves the previous `path` as it was. `atomic_save(obj, path)` is
 `torch.save` done that way; `check_writable(path)` says before a long run whether that write can work.
+`save_checkpoint` and `read_checkpoint` are the file side of `Perceiver.save` / `Perceiver.load`:
+atomic, with a fingerprint of the config, and errors that name the file and what is wrong with it.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 import secrets
 import stat
-from typing import Any, BinaryIO, Callable, Union
+import zipfile
+from typing import Any, BinaryIO, Callable, Sequence, Union
 
 import torch
 
@@ -107,3 +113,57 @@ def check_writable(path: PathLike) -> None:
         raise ValueError(str(error)) from None
     f.close()
     os.unlink(temporary)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def config_fingerprint(config: dict) -> str:
+    """A short hash of a config dict (its JSON with sorted keys): a checkpoint stores it beside the config,
+    so that a config edited afterwards (heads, residuals, sharing, position encoding: edits that keep every
+    weight's shape, so the weights still load) is caught instead of silently changing the outputs."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(payload: dict, path: Union[PathLike, BinaryIO]) -> None:
+    """`torch.save(payload + its config's fingerprint, path)`, atomically (`atomic_save`) when `path` is
+    a path; an open binary file (e.g. inside your own `atomic_write`) is written as it is."""
+    payload = {**payload, "fingerprint": config_fingerprint(payload["config"])}
+    if hasattr(path, "write"):
+        torch.save(payload, path)
+    else:
+        atomic_save(payload, path)
+
+
+def read_checkpoint(path: PathLike, map_location: Any, formats: Sequence[str]) -> dict:
+    """The dict `save_checkpoint` wrote to `path` (tensors on `map_location`), checked: a ValueError names
+    the file and what is wrong with it (empty, truncated or not a checkpoint, another format, an entry
+    missing, a config that no longer matches its fingerprint). Files written before fingerprints
+    (percnb/1, early percnb/2) have none and load as they are."""
+    name = os.fspath(path)
+    if os.path.isfile(name):
+        if os.path.getsize(name) == 0:
+            raise ValueError(f"cannot load {name!r}: the file is empty (0 bytes); was its save interrupted?")
+        if not zipfile.is_zipfile(name):     # torch.save writes a zip archive, whose directory is at its end
+            raise ValueError(f"cannot load {name!r} ({os.path.getsize(name)} bytes): it is not a complete torch "
+                             "checkpoint (not a whole zip archive: truncated by an interrupted copy or a full "
+                             "disk, or another kind of file)")
+    try:
+        payload = torch.load(name, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise                                 # these already name the file and say what is wrong
+    except (pickle.UnpicklingError, OSError, EOFError, RuntimeError, KeyError, ValueError) as error:
+        # e.g. pickled code, which weights_only refuses to run, or a damaged archive
+        raise ValueError(f"cannot load {name!r}: {type(error).__name__}: {error}") from error
+    if not isinstance(payload, dict) or payload.get("format") not in formats:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{name!r} is not a file written by percnb's Perceiver.save: its format is {found!r}, "
+                         f"expected one of {tuple(formats)}")
+    missing = [key for key in ("class", "config", "state_dict") if key not in payload]
+    if missing:
+        raise ValueError(f"{name!r} is a {payload['format']} checkpoint without its {missing} entr"
+                         f"{'y' if len(missing) == 1 else 'ies'}; it was not written by Perceiver.save")
+    stored = payload.get("fingerprint")
+    if stored is not None and stored != config_fingerprint(payload["config"]):
+        raise ValueError(f"{name!r}: its config does not match the fingerprint saved with it (the config was "
+                         f"edited after saving); these weights were trained with another config")
+    return payload

@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import checks, fast
+from . import checks, fast, io
 from .config import PerceiverConfig, image_config, image_io_config, mlm_config
 from .encodings import build_position_encoding, fourier_encode, grid_coordinates
 
@@ -122,6 +122,8 @@ class Block(nn.Module):
     def forward(self, kv: Optional[torch.Tensor], q: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         kv, attn_mask = self.check(kv, q, attn_mask)
+        if attn_mask is not None and not self.self_attention:  # masked keys get zero weight, but 0 * NaN is NaN:
+            kv = kv.masked_fill(~attn_mask[..., None], 0.0)      # zero what they hold
         if self.fast and not need_weights:
             return fast.block_forward(self, kv, q, attn_mask), None
         if self.self_attention:
@@ -272,7 +274,9 @@ class Perceiver(nn.Module):
 
     def save(self, path: str, dtype: Optional[torch.dtype] = None) -> None:
         """Write weights and config to `path`, loadable with `torch.load(path, weights_only=True)`
-        and restored by `Perceiver.load(path)`.
+        and restored by `Perceiver.load(path)`. The write is atomic (`percnb.io.save_checkpoint`): a reader
+        sees the previous file or the new one, never half of one, and a save that fails part-way (disk
+        full, Ctrl-C) leaves the previous file as it was. `path` may also be an open binary file.
 
         dtype=torch.float16 (or bfloat16) stores the floating-point weights rounded to that type, at
         half the size; `load` puts them back into float32 parameters, so the loaded model is the
@@ -283,17 +287,17 @@ class Perceiver(nn.Module):
             if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
                 raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        torch.save({"format": FORMAT, "class": type(self).__name__, "config": self.config.to_dict(),
-                    "state_dict": state}, path)
+        io.save_checkpoint({"format": FORMAT, "class": type(self).__name__, "config": self.config.to_dict(),
+                            "state_dict": state}, path)
 
     @classmethod
     def load(cls, path: str, map_location: Union[str, torch.device] = "cpu") -> Perceiver:
         """Rebuild the model saved by `save` (its own class: Perceiver, PerceiverImage, PerceiverMLM or
         PerceiverImageIO), in eval mode, with bit-identical weights. Files of the seed's layout
-        ("percnb/1", before percnb/2) load too: their keys are converted (`model_key`)."""
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, "percnb/1"):
-            raise ValueError(f"{path} is not a file written by percnb's Perceiver.save")
+        ("percnb/1", before percnb/2) load too: their keys are converted (`model_key`). The model is built
+        on the device `map_location` puts the weights on. A ValueError names the file and what is wrong
+        with it, including a config edited after saving (`percnb.io.read_checkpoint`)."""
+        payload = io.read_checkpoint(path, map_location, (FORMAT, "percnb/1"))
         classes = {k.__name__: k for k in (Perceiver, PerceiverImage, PerceiverMLM, PerceiverImageIO)}
         target = classes.get(payload["class"])
         if target is None or not issubclass(target, cls):
@@ -302,7 +306,8 @@ class Perceiver(nn.Module):
         state = payload["state_dict"]
         if payload["format"] == "percnb/1":       # the seed's nn.Sequential, held as `model`
             state = {model_key(k.removeprefix("model.")): v for k, v in state.items()}
-        model = target(PerceiverConfig.from_dict(payload["config"]))
+        with torch.device(next(iter(state.values())).device):     # where map_location put the weights
+            model = target(PerceiverConfig.from_dict(payload["config"]))
         model.load_state_dict(state)
         return model.eval()
 
@@ -338,6 +343,9 @@ class PerceiverImage(Perceiver):
         expected = ", ".join(map(str, (c.input_channels or c.input_dim, *c.input_shape)))
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor (batch, {expected}), got {type(images).__name__}")
+        if not images.is_floating_point():      # uint8 pixels are 0..255: the scale is the caller's choice
+            raise TypeError(f"images must be floating point (e.g. pixels scaled to [0, 1]), got images of dtype "
+                            f"{images.dtype}; convert with images.float() / 255")
         if images.dim() != 4 or tuple(images.shape[1:]) != (c.input_channels or c.input_dim, *c.input_shape):
             raise ValueError(f"images must be (batch, channels, height, width) = (batch, {expected}), "
                              f"got {checks.describe(images)}")
@@ -480,14 +488,14 @@ class InputEmbedding(nn.Module):
 
     def forward(self, input_array: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        self.check(input_array)
+        input_array = self.check(input_array)
         batch, length = input_array.shape[:2]
         if attention_mask is not None:
             attention_mask = checks.attention_mask(attention_mask, batch, length)
         if self.token_embedding is not None:
             x = self.token_embedding(input_array)
-        else:
-            x = input_array
+        else:   # padding may hold anything (NaN, inf): zeroed, it changes no output and no gradient
+            x = input_array if attention_mask is None else input_array.masked_fill(~attention_mask[..., None], 0.0)
             if self.fourier is not None:
                 x = torch.cat([x, self.fourier.to(x.dtype).expand(batch, -1, -1)], dim=-1)
             if self.input_proj is not None:
@@ -498,14 +506,18 @@ class InputEmbedding(nn.Module):
             x = x + self.pos_emb
         return x, attention_mask
 
-    def check(self, x: torch.Tensor) -> None:
-        """Raise a TypeError or ValueError saying how `x` differs from what the config expects."""
+    def check(self, x: torch.Tensor) -> torch.Tensor:
+        """Raise a TypeError or ValueError saying how `x` differs from what the config expects; return it
+        as the embedding reads it: token ids of any integer dtype as torch.long (after the range check),
+        floats in the dtype of the weights (float64 data into a float32 model, say)."""
         c = self.config
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input_array must be a torch.Tensor, got {type(x).__name__}")
         if c.input_type == "tokens":
-            if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
-                raise TypeError(f"input_type='tokens' needs integer token ids (torch.long), got {x.dtype}")
+            if x.dtype in (torch.bool, torch.uint64) or x.is_floating_point() or x.is_complex():
+                raise TypeError(f"input_type='tokens' needs integer token ids (torch.long, or an integer dtype "
+                                f"up to 32 bits), got input_array of dtype {x.dtype}")
+            x = x.long()
             if x.dim() != 2:
                 raise ValueError(f"token input_array must be (batch, input_len), got {checks.describe(x)}")
             if x.numel() and (int(x.min()) < 0 or int(x.max()) >= c.input_num_tokens):
@@ -526,6 +538,9 @@ class InputEmbedding(nn.Module):
                              f"encoding has input_len={c.input_len}, got {checks.describe(x)}")
         if x.shape[0] == 0:
             raise ValueError("input_array has an empty batch")
+        if x.is_floating_point():
+            return x.to(next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.get_default_dtype()))
+        return x
 
 
 def window_means(x: torch.Tensor, mask: Optional[torch.Tensor], windows: int) -> torch.Tensor:

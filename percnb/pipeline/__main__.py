@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import checks
 from ..config import PerceiverConfig
 from .launch import reference_step, run_pipeline, run_under_torchrun
 from .planning import PIPELINE_SCHEDULES, plan_pipeline
@@ -18,6 +19,23 @@ def demo_config(layers: int) -> PerceiverConfig:
                            ffw_output=128, num_heads=4, num_layers=layers, n_classes=10, seed=0)
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= minimum, else a usage error (exit 2) that says so."""
+    def parse(text: str) -> int:
+        try:
+            return checks.int_at_least("value", int(text), minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        return checks.positive_float("value", float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m percnb.pipeline",
@@ -26,20 +44,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     "launched ranks; run directly, it starts --stages local processes itself and compares the "
                     "first loss with the single-process model's. NCCL with one GPU per rank when there are at "
                     "least as many GPUs as stages, else gloo on CPU.")
-    parser.add_argument("--stages", type=int, default=None,
+    positive = _at_least(1)
+    parser.add_argument("--stages", type=positive, default=None,
                         help="pipeline stages (= processes); default 2, or torchrun's world size")
     parser.add_argument("--schedule", choices=PIPELINE_SCHEDULES, default="1f1b")
-    parser.add_argument("--microbatches", type=int, default=4, help="microbatches per step (1f1b: >= stages)")
-    parser.add_argument("--layers", type=int, default=4, help="latent self-attention layers")
-    parser.add_argument("--batch", type=int, default=16, help="batch size (divisible by --microbatches)")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--microbatches", type=positive, default=4, help="microbatches per step (1f1b: >= stages)")
+    parser.add_argument("--layers", type=positive, default=4, help="latent self-attention layers")
+    parser.add_argument("--batch", type=positive, default=16, help="batch size (divisible by --microbatches)")
+    parser.add_argument("--steps", type=_at_least(0), default=3)
+    parser.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate")
     args = parser.parse_args(argv)
     config = demo_config(args.layers)
     g = torch.Generator().manual_seed(0)
     inputs, targets = torch.randn(args.batch, 64, 32, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    stages = int(os.environ["WORLD_SIZE"]) if torchrun else (args.stages or 2)
+    stages = int(os.environ["WORLD_SIZE"]) if torchrun else (2 if args.stages is None else args.stages)
     try:   # bad settings end here, with a usage message, before any process group or process starts
         if torchrun and args.stages not in (None, stages):
             raise ValueError(f"--stages {args.stages} differs from torchrun's {stages} processes (one stage each)")

@@ -1,11 +1,18 @@
 """Launching pipelines: process groups (backend choice, timeout), the one training loop that single-process,
 stage and torchrun runs share (`train_steps`), and `run_pipelines` / `run_pipeline`, which start one local
 process per stage (a file rendezvous in a temporary folder), train, and bring back losses, gradients and
-timelines."""
+timelines.
+
+No process outlives its run: every setting is checked before any process starts (`check_job`); a worker
+that raises ends the others; an interrupt (SIGINT, what JupyterLab's "interrupt kernel" sends) ends every
+worker before KeyboardInterrupt reaches the caller; a worker whose launcher dies, even by SIGKILL, exits
+within a second (`exit_with_parent`); every process group has a timeout (INIT_TIMEOUT)."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,12 +25,15 @@ from torch import nn
 
 from .. import checks
 from ..config import PerceiverConfig
-from ..models import Perceiver
+from ..models import InputEmbedding, Perceiver
 from .planning import PipelinePlan, plan_pipeline
 from .stages import default_loss, get_distributed_model
 
 # Also the limit of every collective and send/recv: a rank whose peer died stops waiting after it.
 INIT_TIMEOUT = timedelta(seconds=60)
+START_METHODS = ("spawn", "forkserver", "fork")
+ORPHAN_EXIT_CODE = 75       # what a worker exits with when its launcher has died
+STOP_SECONDS = 5.0          # how long an interrupted run waits for a worker after SIGTERM before SIGKILL
 
 
 def choose_backend(num_stages: int) -> Tuple[str, Callable[[int], torch.device]]:
@@ -34,6 +44,34 @@ def choose_backend(num_stages: int) -> Tuple[str, Callable[[int], torch.device]]
     if torch.cuda.is_available() and torch.cuda.device_count() >= num_stages:
         return "nccl", lambda local_rank: torch.device("cuda", local_rank)
     return "gloo", lambda local_rank: torch.device("cpu")
+
+
+def exit_with_parent(launcher_pipe=None, poll_seconds: float = 0.5) -> threading.Thread:
+    """End this process (exit code ORPHAN_EXIT_CODE) as soon as its launcher is gone, from a daemon thread,
+    whatever the main thread is doing (even waiting inside a collective, where signals are not handled).
+
+    launcher_pipe: the read end of a pipe whose write end only the launcher holds (`run_pipelines`); it
+    reads end-of-file when the launcher closes it or dies, on every start method (a forkserver worker's
+    parent is the fork server, not the launcher). None (torchrun): poll os.getppid(), which changes when
+    the parent (torchrun's agent) dies.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        if launcher_pipe is not None:
+            try:
+                launcher_pipe.recv_bytes()     # the launcher never writes: this returns only by EOFError
+            except (EOFError, OSError):
+                pass
+        else:
+            while os.getppid() == parent != 1:    # 1: reparented to init, the parent died before this started
+                time.sleep(poll_seconds)
+        print(f"percnb pipeline worker {os.getpid()}: the launcher is gone, exiting", file=sys.stderr, flush=True)
+        os._exit(ORPHAN_EXIT_CODE)
+
+    thread = threading.Thread(target=watch, name="percnb-exit-with-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 def init_process_group(backend: str, device: torch.device, **kwargs) -> None:
@@ -139,8 +177,56 @@ class PipelineResult:
     outputs: Optional[torch.Tensor] = None
 
 
-def _worker(rank: int, world: int, jobs: List[PipelineJob], threads: int, out_dir: str) -> None:
-    """One process of `run_pipelines`: runs every job whose stages include this rank, in order."""
+def check_job(job: PipelineJob, name: str = "") -> None:
+    """Raise a ValueError or TypeError for any setting of `job` that a worker would trip over only after its
+    start-up (seconds per process): split points, steps, lr, infer, and the batch's shapes, dtypes and
+    ranges against the config. `name` prefixes the settings' names in messages (e.g. "jobs[2].")."""
+    if not isinstance(job, PipelineJob):
+        raise TypeError(f"{name or 'job'} must be a PipelineJob, got {type(job).__name__}")
+    plan, inputs, targets = job.plan, job.inputs, job.targets
+    if not isinstance(plan, PipelinePlan):
+        raise TypeError(f"{name}plan must be a PipelinePlan (from plan_pipeline), got {type(plan).__name__}")
+    config = plan.config
+    split_points = [checks.int_at_least(f"{name}split_points[{k}]", point, 0)
+                    for k, point in enumerate(plan.split_points)]
+    checks.int_at_least(f"{name}steps", job.steps, 0)
+    checks.positive_float(f"{name}lr", job.lr)
+    checks.boolean(f"{name}infer", job.infer)
+    with torch.device("meta"):                              # the input checks of the model, no weights
+        embedding = InputEmbedding(config)
+    try:
+        embedding.check(inputs)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{name}inputs: {error}") from None
+    plan_pipeline(config, plan.num_stages, split_points, plan.schedule, plan.n_microbatches, batch_size=len(inputs))
+    wanted = (len(inputs),) if config.decoder_reduction is not None else (len(inputs), config.output_len)
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
+        raise TypeError(f"{name}targets must be an integer tensor of class ids with shape {wanted}, "
+                        f"got {checks.describe(targets)}")
+    if tuple(targets.shape) != wanted:
+        raise ValueError(f"{name}targets must have shape {wanted} (one class id per "
+                         f"{'sample' if len(wanted) == 1 else 'output position'}), got {checks.describe(targets)}")
+    classes = config.n_classes if config.decoder_projection else None
+    if classes is not None and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
+        raise ValueError(f"{name}targets must be class ids in [0, n_classes={classes}), got min "
+                         f"{int(targets.min())} and max {int(targets.max())}")
+    if job.attention_mask is not None:
+        checks.attention_mask(job.attention_mask, inputs.shape[0], inputs.shape[1], name=f"{name}attention_mask")
+
+
+def stage_group(ranks: Sequence[int]):
+    """A process group of `ranks` (collective over the whole world), with the world's timeout: new_group
+    would otherwise give it the backend's default (30 minutes for gloo), so a dead peer would hang it."""
+    return dist.new_group(list(ranks), timeout=INIT_TIMEOUT)
+
+
+def _worker(rank: int, world: int, jobs: List[PipelineJob], threads: int, out_dir: str, launcher_pipe,
+            inherited_writer) -> None:
+    """One process of `run_pipelines`: runs every job whose stages include this rank, in order; exits as soon
+    as the launcher is gone (`exit_with_parent`)."""
+    if inherited_writer is not None:    # fork copied the launcher's end of the pipe: only the launcher may hold it
+        inherited_writer.close()
+    exit_with_parent(launcher_pipe)
     torch.set_num_threads(threads)
     backend, device_of = choose_backend(world)
     device = device_of(rank)
@@ -150,7 +236,7 @@ def _worker(rank: int, world: int, jobs: List[PipelineJob], threads: int, out_di
         for j, job in enumerate(jobs):
             plan = job.plan
             # new_group is collective over the whole world: every rank creates every job's group
-            group = dist.new_group(list(range(plan.num_stages))) if 1 < plan.num_stages < world else None
+            group = stage_group(range(plan.num_stages)) if 1 < plan.num_stages < world else None
             if rank < plan.num_stages:
                 if plan.num_stages == 1:
                     model = SingleProcess(plan.config, device)
@@ -185,37 +271,31 @@ def worker_environment() -> Iterator[None]:
             os.environ.pop("OMP_WAIT_POLICY", None)
 
 
-def run_pipelines(jobs: Sequence[PipelineJob], threads: int = 1) -> List[PipelineResult]:
+def run_pipelines(jobs: Sequence[PipelineJob], threads: int = 1, start_method: str = "spawn") -> List[PipelineResult]:
     """Run several `PipelineJob`s one after another in ONE set of local processes (as many as the
     largest job has stages; a smaller job uses the first ranks while the others wait).
 
     Starting processes costs seconds (each imports torch), so tests and benchmarks batch their runs
-    here. Every job is checked before any process starts; NCCL on GPUs when there are enough, else
-    gloo on CPU, `threads` threads per process. A worker that raises ends every process and its
-    error is re-raised here (as torch.multiprocessing.ProcessRaisedException); collectives time out
-    after INIT_TIMEOUT, so a failure never hangs.
+    here. Every job is checked before any process starts (`check_job`); NCCL on GPUs when there are
+    enough, else gloo on CPU, `threads` threads per process, started by `start_method` ("spawn",
+    "forkserver" or "fork"). A worker that raises ends every process and its error is re-raised here
+    (as torch.multiprocessing.ProcessRaisedException); collectives time out after INIT_TIMEOUT, so a
+    failure never hangs. An interrupt (KeyboardInterrupt, e.g. JupyterLab's "interrupt kernel") or any
+    other exception here ends every worker, then propagates; if this process is killed outright, the
+    workers see their pipe close and exit.
     """
     import torch.multiprocessing as mp
     jobs = list(jobs)
     if not jobs:
         raise ValueError("jobs is empty: give at least one PipelineJob")
     for i, job in enumerate(jobs):
-        if not isinstance(job, PipelineJob):
-            raise TypeError(f"jobs[{i}] must be a PipelineJob, got {type(job).__name__}")
-        plan, inputs = job.plan, job.inputs
-        plan_pipeline(plan.config, plan.num_stages, plan.split_points, plan.schedule, plan.n_microbatches,
-                      batch_size=len(inputs))
-        if len(job.targets) != len(inputs):
-            raise ValueError(f"jobs[{i}]: inputs and targets must have the same batch size, "
-                             f"got {len(inputs)} and {len(job.targets)}")
-        if job.attention_mask is not None:
-            checks.attention_mask(job.attention_mask, inputs.shape[0], inputs.shape[1])
-        checks.int_at_least(f"jobs[{i}].steps", job.steps, 0)
+        check_job(job, f"jobs[{i}].")
+    checks.positive_int("threads", threads)
+    checks.choice("start_method", start_method, START_METHODS)
     world = max(job.plan.num_stages for job in jobs)
     with tempfile.TemporaryDirectory() as out_dir:
         with worker_environment():
-            mp.start_processes(_worker, args=(world, jobs, threads, out_dir), nprocs=world, join=True,
-                               start_method="spawn")
+            _start_and_join(mp, start_method, (world, jobs, threads, out_dir), world)
         results = []
         for j, job in enumerate(jobs):
             parts = [torch.load(os.path.join(out_dir, f"job{j}_rank{r}.pt"), weights_only=False)
@@ -229,22 +309,55 @@ def run_pipelines(jobs: Sequence[PipelineJob], threads: int = 1) -> List[Pipelin
     return results
 
 
+def _start_and_join(mp, start_method: str, args: tuple, nprocs: int) -> None:
+    """Start `nprocs` workers `_worker(rank, *args, pipe, writer)` and wait for them; on any exception here
+    (KeyboardInterrupt included) stop them all (closing the pipe they watch, SIGTERM, SIGKILL after
+    STOP_SECONDS) and re-raise."""
+    reader, writer = mp.get_context(start_method).Pipe(duplex=False)
+    context = None
+    try:
+        context = mp.start_processes(_worker, args=(*args, reader, writer if start_method == "fork" else None),
+                                     nprocs=nprocs, join=False, start_method=start_method)
+        while not context.join(timeout=1.0):
+            pass
+    except BaseException:
+        writer.close()                       # every worker's watcher reads end-of-file and exits
+        for process in context.processes if context is not None else []:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + STOP_SECONDS
+        for process in context.processes if context is not None else []:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+        raise
+    finally:
+        writer.close()
+        reader.close()
+
+
 def run_pipeline(config: PerceiverConfig, inputs: torch.Tensor, targets: torch.Tensor, num_stages: int = 2, *,
                  split_points: Optional[Sequence[int]] = None, schedule: str = "1f1b", n_microbatches: int = 4,
                  steps: int = 1, lr: float = 1e-3, threads: int = 1, infer: bool = False,
-                 attention_mask: Optional[torch.Tensor] = None) -> PipelineResult:
+                 attention_mask: Optional[torch.Tensor] = None, start_method: str = "spawn") -> PipelineResult:
     """Train `steps` AdamW steps (no weight decay) of a `num_stages`-process pipeline on one batch.
 
     inputs: (batch, input_len, features) floats or (batch, input_len) token ids; targets: (batch,)
     class ids (or (batch, output_len) without decoder_reduction); attention_mask: (batch, input_len).
-    Starts one process per stage (torch.multiprocessing, spawn), NCCL on GPUs when there are enough,
-    else gloo on CPU, each with `threads` threads. Settings are checked before any process starts; a
-    worker that raises ends every process and re-raises here, so a failure never hangs. Returns a
+    Starts one process per stage (torch.multiprocessing, `start_method`), NCCL on GPUs when there are
+    enough, else gloo on CPU, each with `threads` threads. Settings are checked before any process
+    starts; a worker that raises ends every process and re-raises here, so a failure never hangs; an
+    interrupt ends every worker, then raises KeyboardInterrupt here (see `run_pipelines`). Returns a
     `PipelineResult`; with `infer`, its outputs are the logits of an inference pass after the
     training steps (steps=0: of the initial weights).
     """
+    if split_points is not None:
+        split_points = [checks.int_at_least(f"split_points[{k}]", p, 0) for k, p in enumerate(split_points)]
     plan = plan_pipeline(config, num_stages, split_points, schedule, n_microbatches, batch_size=len(inputs))
-    return run_pipelines([PipelineJob(plan, inputs, targets, attention_mask, steps, lr, infer)], threads)[0]
+    job = PipelineJob(plan, inputs, targets, attention_mask, steps, lr, infer)
+    check_job(job)
+    return run_pipelines([job], threads, start_method)[0]
 
 
 def run_under_torchrun(config: PerceiverConfig, inputs: torch.Tensor, targets: torch.Tensor, schedule: str,
@@ -252,6 +365,7 @@ def run_under_torchrun(config: PerceiverConfig, inputs: torch.Tensor, targets: t
     """This process's part of a torchrun launch (one stage per process; torchrun sets RANK, WORLD_SIZE
     and the rendezvous): train `steps` steps and print the loss of each on the last stage."""
     world, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    exit_with_parent()                       # torchrun's agent is the parent: die with it
     backend, device_of = choose_backend(world)
     init_process_group(backend, device_of(local_rank))
     try:
