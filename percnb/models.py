@@ -13,6 +13,7 @@ from collections import OrderedDict
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import checks, fast
@@ -81,11 +82,14 @@ class Block(nn.Module):
     With `self_attention=True` the block reads its own input (kv must be q or None), with one
     LayerNorm and one fused q/k/v projection. `need_weights=True` returns the attention weights.
     `fast` (default True): without need_weights, run percnb/fast.py's kernels, which compute the same
-    function with less time and memory; False runs the code below.
+    function with less time and memory; False runs the code below. `checkpoint=True`: when gradients
+    are recorded, keep only the block's inputs for backward and compute it again there (activation
+    checkpointing: the activations of the block for one more forward pass; the same outputs and gradients).
     """
 
     def __init__(self, kv_dim: int, q_dim: int, num_heads: int, ffw_dim: int, dropout: float = 0.0,
-                 add_residual: bool = False, *, self_attention: bool = False, fast: bool = True):
+                 add_residual: bool = False, *, self_attention: bool = False, fast: bool = True,
+                 checkpoint: bool = False):
         super().__init__()
         for name, value in (("kv_dim", kv_dim), ("q_dim", q_dim), ("num_heads", num_heads), ("ffw_dim", ffw_dim)):
             checks.positive_int(name, value)
@@ -96,6 +100,7 @@ class Block(nn.Module):
             raise ValueError(f"self-attention needs kv_dim == q_dim, got kv_dim={kv_dim}, q_dim={q_dim}")
         self.kv_dim, self.q_dim, self.num_heads = kv_dim, q_dim, num_heads
         self.dropout, self.add_residual, self.self_attention, self.fast = dropout, add_residual, self_attention, fast
+        self.checkpoint = checkpoint
         self.ln_q = nn.LayerNorm(q_dim)
         if self_attention:
             self.qkv = nn.Linear(q_dim, 3 * q_dim)         # [W_q | W_k | W_v], one matmul
@@ -111,6 +116,14 @@ class Block(nn.Module):
     def forward(self, kv: Optional[torch.Tensor], q: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         kv, attn_mask = self.check(kv, q, attn_mask)
+        if self.checkpoint and not need_weights and torch.is_grad_enabled():
+            # backward reruns `attend` from kv and q, with the random state of this call (same dropout)
+            return torch.utils.checkpoint.checkpoint(self.attend, kv, q, attn_mask, use_reentrant=False)
+        return self.attend(kv, q, attn_mask, need_weights)
+
+    def attend(self, kv: torch.Tensor, q: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+               need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`forward` on checked inputs, without checkpointing: (out, weights or None)."""
         if self.fast and not need_weights:
             return fast.block_forward(self, kv, q, attn_mask), None
         if self.self_attention:
@@ -380,13 +393,14 @@ def output_queries(c: PerceiverConfig) -> Optional[nn.Parameter]:
 
 def encoder_block(c: PerceiverConfig) -> Block:
     """Cross-attention: the latents (q) read the inputs (kv), with cross_heads heads."""
-    return Block(c.input_dim, c.latent_dim, c.cross_heads, c.ffw_latent, c.dropout, add_residual=True)
+    return Block(c.input_dim, c.latent_dim, c.cross_heads, c.ffw_latent, c.dropout, add_residual=True,
+                 checkpoint=c.checkpoint_activations)
 
 
 def processor_block(c: PerceiverConfig) -> Block:
     """Self-attention over the latents, with num_heads heads."""
     return Block(c.latent_dim, c.latent_dim, c.num_heads, c.ffw_latent, c.dropout, add_residual=True,
-                 self_attention=True)
+                 self_attention=True, checkpoint=c.checkpoint_activations)
 
 
 def decoder_block(c: PerceiverConfig) -> Optional[Block]:
