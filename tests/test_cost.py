@@ -101,7 +101,8 @@ def test_saved_activations_of_a_block_are_what_cost_counts(kv_len):
 
 
 def test_checkpointing_predicts_less_memory_and_the_same_flops():
-    c = PerceiverConfig(input_len=1024, latent_len=64, latent_dim=128, ffw_latent=512, num_layers=6)
+    # many latents, few inputs: the latent blocks' activations dominate, which is what checkpointing drops
+    c = PerceiverConfig(input_len=256, latent_len=128, latent_dim=128, ffw_latent=512, num_layers=6)
     plain, checkpointed = cost.estimate(c, 8), cost.estimate(c.replace(checkpoint_activations=True), 8)
     assert checkpointed.peak_train_bytes < 0.6 * plain.peak_train_bytes
     assert checkpointed.train_flops == plain.train_flops and checkpointed.parameters == plain.parameters
