@@ -70,12 +70,18 @@ TINY = Dims(channels=16, latents=16, width=64, layers=2, heads=2)   # wide enoug
 
 # --------------------------------------------------------------------------- the three models
 
-def build_percnb(dims: Dims, m: int):
-    from percnb.models import Perceiver, PerceiverConfig
-    return Perceiver(PerceiverConfig(
+def percnb_config(dims: Dims, m: int, checkpoint: bool = False):
+    from percnb.models import PerceiverConfig
+    return PerceiverConfig(
         input_len=m, input_dim=dims.channels, latent_len=dims.latents, latent_dim=dims.width, num_heads=dims.heads,
         cross_heads=1, num_layers=dims.layers, ffw_latent=dims.hidden, pos_encoding="none",
-        decoder_type="latent_pool", decoder_reduction="mean", n_classes=dims.classes))
+        decoder_type="latent_pool", decoder_reduction="mean", n_classes=dims.classes,
+        checkpoint_activations=checkpoint)
+
+
+def build_percnb(dims: Dims, m: int, checkpoint: bool = False):
+    from percnb.models import Perceiver
+    return Perceiver(percnb_config(dims, m, checkpoint))
 
 
 def build_perceiver_pytorch(dims: Dims, m: int):
@@ -162,8 +168,9 @@ def _setup(job: dict):
     torch.set_num_threads(job["threads"])
     dims = Dims(**job["dims"])
     torch.manual_seed(0)
-    model = BUILDERS[job["library"]](dims, job["m"])
-    optimizer = torch.optim.AdamW(model.parameters())
+    # only percnb has the activation-checkpointing switch (benchmarks/cost_check.py turns it on)
+    model = BUILDERS[job["library"]](dims, job["m"], **({"checkpoint": True} if job.get("checkpoint") else {}))
+    optimizer = torch.optim.AdamW(model.parameters(), **job.get("optimizer", {}))
     x, y = _data(dims, job["batch"], job["m"])
 
     def train_step():
@@ -334,9 +341,9 @@ def _env() -> dict:
     return env
 
 
-def run_worker(job: dict) -> dict:
-    """Run one measurement in a fresh Python process and return its result."""
-    out = subprocess.run(_command(job), capture_output=True, text=True, env=_env())
+def run_worker(job: dict, env: Optional[dict] = None) -> dict:
+    """Run one measurement in a fresh Python process (`env`: extra environment variables) and return its result."""
+    out = subprocess.run(_command(job), capture_output=True, text=True, env=dict(_env(), **(env or {})))
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"worker {job['kind']} {job.get('library', '')} M={job.get('m', '')} failed:\n"

@@ -166,6 +166,14 @@ class PerceiverConfig:
     #: measures what each switch buys a byte-level masked language model.
     queries_from_latents: bool = False
 
+    # ----------------------------------------------------------------- memory
+    #: Activation checkpointing: in training, the encoder and processor blocks keep only their inputs
+    #: for backward and run again during it (torch.utils.checkpoint, dropout replayed with the same
+    #: random state), trading about a third more compute for the activations of every block. The
+    #: function, its gradients and the saved weights are the same with it on or off; `percnb.cost`
+    #: predicts the memory either way.
+    checkpoint_activations: bool = False
+
     def __post_init__(self) -> None:
         # JSON gives lists; the config keeps tuples so equal configs compare equal.
         for name in ("input_shape", "max_resolution"):
@@ -279,6 +287,7 @@ FIELD_RULES: Dict[str, Callable[[str, Any], Any]] = {
     "share_weights": checks.boolean,
     "latents_from_inputs": checks.boolean,
     "queries_from_latents": checks.boolean,
+    "checkpoint_activations": checks.boolean,
 }
 """Each field's own rule: rule(name, value) raises a ValueError that names the field."""
 

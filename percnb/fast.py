@@ -7,6 +7,8 @@ A `Block` runs `block_forward` below when its `fast` switch is on (the default) 
 weights are asked for; `Block(..., fast=False)`, `Perceiver(config, fast=False)` or
 `model.fast = False` run the textbook code instead. This module does not import percnb.models: it
 reads the block's layers by name (ln_q, ln_kv, q, kv or qkv, proj, drop, ln_mlp, mlp).
+Activation checkpointing (`PerceiverConfig.checkpoint_activations`) wraps a whole block, these kernels
+included, in `Block.forward`: with it on, a block keeps only its inputs and backward reruns `block_forward`.
 """
 from __future__ import annotations
 

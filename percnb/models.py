@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import checks, fast, io
@@ -87,12 +88,14 @@ class Block(nn.Module):
     values, are projected to: Perceiver IO compares queries and keys in a narrower space than the
     latents (DeepMind's language model: 256 of 1280) to save compute; W_o maps v_dim back to q_dim.
     `fast` (default True): without need_weights, run percnb/fast.py's kernels, which compute the same
-    function with less time and memory; False runs the code below.
+    function with less time and memory; False runs the code below. `checkpoint=True`: when gradients
+    are recorded, keep only the block's inputs for backward and compute it again there (activation
+    checkpointing: the activations of the block for one more forward pass; the same outputs and gradients).
     """
 
     def __init__(self, kv_dim: int, q_dim: int, num_heads: int, ffw_dim: int, dropout: float = 0.0,
                  add_residual: bool = False, *, self_attention: bool = False, fast: bool = True,
-                 qk_dim: Optional[int] = None, v_dim: Optional[int] = None):
+                 qk_dim: Optional[int] = None, v_dim: Optional[int] = None, checkpoint: bool = False):
         super().__init__()
         qk_dim = q_dim if qk_dim is None else qk_dim
         v_dim = qk_dim if v_dim is None else v_dim
@@ -107,6 +110,7 @@ class Block(nn.Module):
             raise ValueError(f"self-attention needs kv_dim == q_dim, got kv_dim={kv_dim}, q_dim={q_dim}")
         self.kv_dim, self.q_dim, self.num_heads, self.qk_dim, self.v_dim = kv_dim, q_dim, num_heads, qk_dim, v_dim
         self.dropout, self.add_residual, self.self_attention, self.fast = dropout, add_residual, self_attention, fast
+        self.checkpoint = checkpoint
         self.ln_q = nn.LayerNorm(q_dim)
         if self_attention:
             self.qkv = nn.Linear(q_dim, 2 * qk_dim + v_dim)  # [W_q | W_k | W_v], one matmul
@@ -124,6 +128,14 @@ class Block(nn.Module):
         kv, attn_mask = self.check(kv, q, attn_mask)
         if attn_mask is not None and not self.self_attention:  # masked keys get zero weight, but 0 * NaN is NaN:
             kv = kv.masked_fill(~attn_mask[..., None], 0.0)      # zero what they hold
+        if self.checkpoint and not need_weights and torch.is_grad_enabled():
+            # backward reruns `attend` from kv and q, with the random state of this call (same dropout)
+            return torch.utils.checkpoint.checkpoint(self.attend, kv, q, attn_mask, use_reentrant=False)
+        return self.attend(kv, q, attn_mask, need_weights)
+
+    def attend(self, kv: torch.Tensor, q: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+               need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`forward` on checked inputs, without checkpointing: (out, weights or None)."""
         if self.fast and not need_weights:
             return fast.block_forward(self, kv, q, attn_mask), None
         if self.self_attention:
@@ -417,14 +429,15 @@ def output_queries(c: PerceiverConfig) -> Optional[nn.Parameter]:
 def encoder_block(c: PerceiverConfig) -> Block:
     """Cross-attention: the latents (q) read the inputs (kv), with cross_heads heads (widths: `c.widths`)."""
     heads, qk, v, ffw = c.widths("encoder")
-    return Block(c.input_dim, c.latent_dim, heads, ffw, c.dropout, add_residual=c.query_residual, qk_dim=qk, v_dim=v)
+    return Block(c.input_dim, c.latent_dim, heads, ffw, c.dropout, add_residual=c.query_residual, qk_dim=qk, v_dim=v,
+                 checkpoint=c.checkpoint_activations)
 
 
 def processor_block(c: PerceiverConfig) -> Block:
     """Self-attention over the latents, with num_heads heads."""
     heads, qk, v, ffw = c.widths("processor")
     return Block(c.latent_dim, c.latent_dim, heads, ffw, c.dropout, add_residual=True, self_attention=True,
-                 qk_dim=qk, v_dim=v)
+                 qk_dim=qk, v_dim=v, checkpoint=c.checkpoint_activations)
 
 
 def sharing_period(c: PerceiverConfig) -> int:

@@ -63,3 +63,17 @@ def test_compare_peers_refuses_and_names_the_knob():
     problems = _compare_peers().check_same_model({"a": _census(), "b": _census(per_input=400)})
     assert problems and all("part proportional to M differs" in p for p in problems)
     assert not any("independent of M" in p for p in problems)
+
+
+def test_cost_check_smoke(tmp_path):
+    # tiny model, one size, one thread: the prediction table and the optimizer comparison print, nothing timed
+    args = ["--tiny", "--threads", "1", "--sizes", "64", "--parts", "prediction", "optimizer", "--out", str(tmp_path)]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cost_check.py"), *args],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] == ["64"]]
+    assert [row[1] for row in rows] == ["False", "True"], out.stdout
+    results = json.loads((tmp_path / "cost_check_prediction_optimizer.json").read_text())
+    for row in results["prediction"]["rows"]:          # FLOPs are predicted exactly; memory is measured
+        assert row["predicted"]["train_flops"] == row["flops"]["train"] and row["peak_mib"] > 0
+    assert results["optimizer"]["speedup"] > 0

@@ -143,7 +143,9 @@ def test_each_rank_builds_about_its_share_of_parameters(runs):
     counts = runs["2 stages 1f1b"].stage_parameters
     total = Perceiver(config()).num_parameters()
     assert sum(counts) == total
-    plan = plan_pipeline(config(num_layers=6), 3)
+    # cut by parameters (the default cut balances compute: tests/test_planning.py)
+    by_parameters = balanced_split(module_parameter_counts(config(num_layers=6)), 3)
+    plan = plan_pipeline(config(num_layers=6), 3, split_points=by_parameters)
     sizes = [sum(p.numel() for p in StageModule(plan, s).parameters()) for s in range(3)]
     total = Perceiver(config(num_layers=6)).num_parameters()
     assert sum(sizes) == total

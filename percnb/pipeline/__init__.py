@@ -25,14 +25,22 @@ from .launch import (
     run_under_torchrun,
     train_steps,
 )
-from .planning import PIPELINE_SCHEDULES, PipelinePlan, balanced_split, module_parameter_counts, plan_pipeline
+from .planning import (
+    PIPELINE_SCHEDULES,
+    PipelinePlan,
+    balanced_split,
+    module_costs,
+    module_parameter_counts,
+    plan_pipeline,
+    split_with_work,
+)
 from .stages import DistributedPerceiver, StageModule, default_loss, get_distributed_model
 from .timeline import EVENT_KINDS, EventRecorder, idle_fractions, microbatches_in_flight, phase_boxes
 
 __all__ = [
     "INIT_TIMEOUT", "PipelineJob", "PipelineResult", "SingleProcess", "choose_backend", "init_process_group",
     "reference_step", "run_pipeline", "run_pipelines", "run_under_torchrun", "train_steps", "PIPELINE_SCHEDULES",
-    "PipelinePlan", "balanced_split", "module_parameter_counts", "plan_pipeline", "DistributedPerceiver",
-    "StageModule", "default_loss", "get_distributed_model", "EVENT_KINDS", "EventRecorder", "idle_fractions",
-    "microbatches_in_flight", "phase_boxes",
+    "PipelinePlan", "balanced_split", "module_costs", "module_parameter_counts", "split_with_work", "plan_pipeline",
+    "DistributedPerceiver", "StageModule", "default_loss", "get_distributed_model", "EVENT_KINDS", "EventRecorder",
+    "idle_fractions", "microbatches_in_flight", "phase_boxes",
 ]
