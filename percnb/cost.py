@@ -3,8 +3,12 @@ from a `PerceiverConfig`'s shapes alone (no tensor is allocated), so that "will 
 before the first step.
 
 Counted, per module of the seed's sequential layout (embeddings, encoder, processors..., decoder):
-- parameters: every weight, bias, LayerNorm, latent array, query array and position table, a shared
-  processor counted once: exactly `Perceiver(config).num_parameters()`.
+- parameters: every weight, bias, LayerNorm, latent array, query array and position table, processors
+  that share weights (`sharing_period`: share_weights, layers_per_block) counted once, a tied head's matrix
+  (tie_embeddings) counted once: exactly `Perceiver(config).num_parameters()`. Every block is shaped as the
+  model builds it, with its own heads, query/key and value widths, MLP width and residual
+  (`PerceiverConfig.widths`), and the input side with its projection (input_projection, pos_concat_dim) and
+  Fourier features (fourier_sine_only).
 - FLOPs: the matrix multiplications of the textbook code (`fast=False`), 2 per multiply-add, as
   `torch.utils.flop_counter` counts them: the linear layers, the scores q k^T and the weighted sum of
   the values. A train step is the forward plus a backward that does each matmul twice (the gradient of
@@ -13,7 +17,7 @@ Counted, per module of the seed's sequential layout (embeddings, encoder, proces
   the time (notebook 05 and the README's profile say how much).
 - peak train memory (float32, the fast kernels of percnb/fast.py, no dropout): AdamW's two moments and
   the gradients of the trainable parameters, the activations autograd saves for backward (each block's
-  are listed in `saved_per_query` and `saved_per_key`), and the gradient buffers a block's backward holds
+  are listed in `BlockShape.saved`), and the gradient buffers a block's backward holds
   at once; walked through backward module by module (a module's saved tensors are freed as its gradients
   appear), the largest sum is the peak. With `checkpoint_activations` a block keeps only its inputs and
   one block at a time holds its activations again. Not counted: the inputs themselves, the weights
@@ -25,8 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from . import checks
+from . import checks, fast
 from .config import PerceiverConfig
+from .models import sharing_period
 
 BYTES = 4                      # float32
 
@@ -40,107 +45,146 @@ def checks_config(c: PerceiverConfig) -> None:
 
 @dataclass(frozen=True)
 class BlockShape:
-    """A `Block`'s sizes: q_len queries of width q_dim read kv_len keys of width kv_dim."""
+    """A `Block`'s sizes: q_len queries of width q_dim read kv_len keys of width kv_dim, with num_heads heads,
+    queries and keys compared at width qk_dim, values v_dim wide (projected back to q_dim by W_o), an MLP
+    of `hidden`, and the residual of the attention output (`add_residual`). The field names are `Block`'s, so
+    `fast.input_space_is_cheaper` reads a BlockShape as it reads a Block."""
 
     kv_dim: int
     q_dim: int
-    heads: int
+    num_heads: int
     hidden: int
     q_len: int
     kv_len: int
     self_attention: bool
-    add_residual: bool = True
+    add_residual: bool
+    qk_dim: int
+    v_dim: int
 
     @property
     def in_input_space(self) -> bool:
-        """Whether the fast kernels attend in the kv_dim-wide input space (`fast.input_space_is_cheaper`)."""
-        d, c, h, n, m = self.q_dim, self.kv_dim, self.heads, self.q_len, self.kv_len
-        return not self.self_attention and 2 * n * c * d + 2 * h * n * m * c < 2 * m * c * d + 2 * n * m * d
+        """Whether the fast kernels attend in the kv_dim-wide input space: the rule `fast.block_forward` applies."""
+        return not self.self_attention and fast.input_space_is_cheaper(self, self.q_len, self.kv_len)
 
     def parameters(self) -> int:
-        d, c, h = self.q_dim, self.kv_dim, self.hidden
-        attention = d * 3 * d + 3 * d if self.self_attention else 2 * c + d * d + d + c * 2 * d + 2 * d
-        return 2 * d + attention + d * d + d + 2 * d + (d * h + h) + (h * d + d)
+        d, c, h, a, b = self.q_dim, self.kv_dim, self.hidden, self.qk_dim, self.v_dim
+        if self.self_attention:
+            attention = (d + 1) * (2 * a + b)                          # qkv
+        else:
+            attention = 2 * c + (d + 1) * a + (c + 1) * (a + b)      # ln_kv, q, kv
+        return 2 * d + attention + (b + 1) * d + 2 * d + (d * h + h) + (h * d + d)   # ln_q, proj, ln_mlp, mlp
 
     def forward_flops(self) -> int:
         """Matmul FLOPs per sample of the textbook block."""
-        d, c, h, n, m = self.q_dim, self.kv_dim, self.hidden, self.q_len, self.kv_len
-        projections = 2 * n * d * 3 * d if self.self_attention else 2 * n * d * d + 2 * m * c * 2 * d
-        return projections + 4 * n * m * d + 2 * n * d * d + 4 * n * d * h
+        d, c, h, n, m, a, b = self.q_dim, self.kv_dim, self.hidden, self.q_len, self.kv_len, self.qk_dim, self.v_dim
+        projections = 2 * n * d * (2 * a + b) if self.self_attention else 2 * n * d * a + 2 * m * c * (a + b)
+        return projections + 2 * n * m * (a + b) + 2 * n * b * d + 4 * n * d * h
+
+    @property
+    def fused_attention(self) -> bool:
+        """Whether `F.scaled_dot_product_attention` runs its fused CPU kernel, which keeps a log-sum-exp per
+        query and head for backward: it needs queries, keys and values of one head width (always so in the
+        input space). Otherwise it falls back to its math path, which keeps the (q_len, kv_len) weights."""
+        return self.in_input_space or self.qk_dim // self.num_heads == self.v_dim // self.num_heads
 
     def saved(self) -> Tuple[int, int]:
-        """Elements per sample the fast block saves for backward: (per query, per key), its input q excluded.
-        Self-attention: LN(q), the fused q/k/v, the attention output, the residual sum, its LN, the MLP's
-        pre-GELU hidden, plus two LayerNorms' mean and 1/std and a log-sum-exp per head. A cross-attention
-        in the input space keeps per query W_k^T q and its attention output (kv_dim wide per head; with more
-        than one head also the output's copy that the value einsum makes) instead, and per key LN(kv) and
-        its statistics; one on projections keeps per key LN(kv) and the keys and values."""
-        d, c, h, hid = self.q_dim, self.kv_dim, self.heads, self.hidden
+        """Elements per sample the fast block saves for backward: (per query, per key), its inputs excluded.
+        Every block keeps per query LN(q), the attention output (v_dim), the residual sum (or, without the
+        residual, the projected attention output), its LN, the MLP's pre-GELU hidden, two LayerNorms' mean
+        and 1/std, and a log-sum-exp per head (the weights, kv_len per head, when the attention is not
+        `fused_attention`). Self-attention adds the q/k/v; a cross-attention on projections adds per query
+        its queries and per key LN(kv), its statistics and the keys and values; one in the input space adds
+        per query its queries, W_k^T q and its attention output (kv_dim wide per head; with more than one
+        head also the output's copy that the value einsum makes), and per key LN(kv) and its statistics."""
+        d, c, h, hid, a, b = self.q_dim, self.kv_dim, self.num_heads, self.hidden, self.qk_dim, self.v_dim
+        common = 3 * d + b + hid + 4 + h * (1 if self.fused_attention else self.kv_len)
         if self.self_attention:
-            return 7 * d + hid + 4 + h, 0
+            return common + 2 * a + b, 0
         if self.in_input_space:
-            return 5 * d + hid + (2 if h == 1 else 3) * h * c + 4 + h, c + 2
-        return 5 * d + hid + 4 + h, c + 2 * d + 2
+            return common + a + (2 if h == 1 else 3) * h * c, c + 2
+        return common + a, c + a + b + 2
 
     def backward_buffers(self) -> Tuple[int, int]:
         """Elements per sample of gradients a block's backward holds at once, beyond what it saved: per
-        query the gradients of the hidden layer and of the fused projections; per key, in the input space,
-        the gradients of LN(kv) as keys and as values (autograd sums them in place), else of LN(kv), the
-        keys and values."""
-        d, c, hid = self.q_dim, self.kv_dim, self.hidden
-        per_key = 2 * c if self.in_input_space else (0 if self.self_attention else c + 2 * d)
-        return hid + 3 * d, per_key
+        query the gradients of the hidden layer, of the attention output and of the projections of the
+        queries (self-attention: the fused q/k/v), and of the weights when the attention is not fused; per
+        key, in the input space, the gradients of LN(kv) as keys and as values (autograd sums them in
+        place), else of LN(kv), the keys and values."""
+        d, c, hid, a, b = self.q_dim, self.kv_dim, self.hidden, self.qk_dim, self.v_dim
+        weights = 0 if self.fused_attention else self.num_heads * self.kv_len
+        if self.self_attention:
+            return hid + 2 * a + b + weights, 0
+        return hid + d + a + b + weights, (2 * c if self.in_input_space else c + a + b)
+
+
+def block_shape(c: PerceiverConfig, part: str) -> Optional[BlockShape]:
+    """The BlockShape of part 'encoder', 'processor' or 'decoder' (None when the latents are pooled), as
+    `percnb.models` builds it (`encoder_block`, `processor_block`, `decoder_block`), with the decoder's
+    query count as run: one per sample with decoder_reduction='eot'."""
+    heads, qk, v, ffw = c.widths(part)
+    if part == "encoder":
+        return BlockShape(c.input_dim, c.latent_dim, heads, ffw, c.latent_len, c.input_len, False, c.query_residual,
+                          qk, v)
+    if part == "processor":
+        return BlockShape(c.latent_dim, c.latent_dim, heads, ffw, c.latent_len, c.latent_len, True, True, qk, v)
+    if c.decoder_type != "attention":
+        return None
+    queries = 1 if c.decoder_reduction == "eot" else c.output_len
+    return BlockShape(c.latent_dim, c.output_dim, heads, ffw, queries, c.latent_len, False, c.decoder_residual, qk, v)
 
 
 def blocks(c: PerceiverConfig) -> Tuple[BlockShape, BlockShape, Optional[BlockShape]]:
-    """(encoder, one processor, decoder or None) of a config, with the decoder's query count as run:
-    one per sample with decoder_reduction='eot'."""
-    encoder = BlockShape(c.input_dim, c.latent_dim, c.cross_heads, c.ffw_latent, c.latent_len, c.input_len, False)
-    processor = BlockShape(c.latent_dim, c.latent_dim, c.num_heads, c.ffw_latent, c.latent_len, c.latent_len, True)
-    decoder = None
-    if c.decoder_type == "attention":
-        queries = 1 if c.decoder_reduction == "eot" else c.output_len
-        decoder = BlockShape(c.latent_dim, c.output_dim, c.cross_heads, c.ffw_output, queries, c.latent_len, False,
-                             c.decoder_residual)
-    return encoder, processor, decoder
+    """(encoder, one processor, decoder or None) of a config (`block_shape`)."""
+    return block_shape(c, "encoder"), block_shape(c, "processor"), block_shape(c, "decoder")
 
 
 # --------------------------------------------------------------------------- the model's modules
 
-def _embedding_in(c: PerceiverConfig) -> Optional[int]:
-    """Input width of the raw-input projection, or None when there is none."""
+def _projection(c: PerceiverConfig) -> Optional[Tuple[int, int]]:
+    """(input, output) width of the raw-input projection `InputEmbedding.input_proj`, or None when there is none:
+    raw features (with any Fourier features concatenated) to input_dim, less the pos_concat_dim channels a
+    concatenated position table fills."""
     if c.input_type == "tokens":
         return None
     proj_in = (c.input_channels or c.input_dim) + (c.fourier_dim if c.pos_encoding == "fourier" else 0)
-    return proj_in if proj_in != c.input_dim or c.input_channels is not None else None
+    project = c.input_projection
+    if project is None:        # the model's rule (InputEmbedding): project when the width differs or asked to
+        project = proj_in != c.input_dim or c.input_channels is not None
+    return (proj_in, c.input_dim - (c.pos_concat_dim or 0)) if project else None
 
 
-def _head(c: PerceiverConfig) -> Tuple[int, int]:
-    """(rows per sample, input width) of the output head."""
+def _head(c: PerceiverConfig) -> Tuple[int, int, int]:
+    """(rows per sample, input width, outputs) of the output head's matmul: the Linear of decoder_projection or
+    the tied embedding matrix of tie_embeddings; (0, 0, 0) without a head."""
+    if not (c.decoder_projection or c.tie_embeddings):
+        return 0, 0, 0
     width = c.output_dim if c.decoder_type == "attention" else c.latent_dim
     rows = c.output_len if c.decoder_type == "attention" and c.decoder_reduction is None else 1
-    return rows, width
+    return rows, width, c.n_classes
 
 
 def module_parameters(c: PerceiverConfig, trainable_only: bool = False) -> List[int]:
     """Parameters of each sequential module (embeddings with the latent and query arrays, encoder,
-    processors..., decoder with the norm and head); a shared processor counted once, in the first."""
+    processors..., decoder with the norm and head): processors that share weights (`sharing_period`)
+    counted once, in the first that uses them; a tied head's matrix counted once, in the embeddings."""
     checks_config(c)
     encoder, processor, decoder = blocks(c)
     embed = c.latent_len * c.latent_dim + (c.output_len * c.output_dim if decoder else 0)
     if c.input_type == "tokens":
         embed += c.input_num_tokens * c.input_dim
-    proj_in = _embedding_in(c)
-    if proj_in is not None:
-        embed += (proj_in + 1) * c.input_dim
+    projection = _projection(c)
+    if projection is not None:
+        embed += (projection[0] + 1) * projection[1]
     if c.pos_encoding == "trainable" or (c.pos_encoding == "sinusoid" and not trainable_only):
-        embed += c.input_len * c.input_dim
+        embed += c.input_len * (c.pos_concat_dim or c.input_dim)
     if c.pos_encoding == "fourier" and not trainable_only:
         embed += c.input_len * c.fourier_dim
-    rows, width = _head(c)
     out = (decoder.parameters() if decoder else 2 * c.latent_dim)
-    out += (width + 1) * c.n_classes if c.decoder_projection else 0
-    processors = [processor.parameters() if layer == 0 or not c.share_weights else 0 for layer in range(c.num_layers)]
+    _, width, classes = _head(c)
+    out += (width + 1) * classes if c.decoder_projection else 0
+    out += classes if c.tie_embeddings else 0                      # the bias; the matrix is the token embedding
+    period = sharing_period(c)
+    processors = [processor.parameters() if layer < period else 0 for layer in range(c.num_layers)]
     return [embed, encoder.parameters(), *processors, out]
 
 
@@ -154,12 +198,12 @@ def module_flops(c: PerceiverConfig, batch: int = 1, train: bool = True) -> List
     checks_config(c)
     checks.positive_int("batch", batch)
     encoder, processor, decoder = blocks(c)
-    proj_in = _embedding_in(c)
+    projection = _projection(c)
     # the raw input needs no gradient: the projection's backward computes the weight's gradient only
-    embed = 2 * c.input_len * proj_in * c.input_dim if proj_in is not None else 0
+    embed = 2 * c.input_len * projection[0] * projection[1] if projection is not None else 0
     embed *= 2 if train else 1
-    rows, width = _head(c)
-    out = 2 * rows * width * c.n_classes if c.decoder_projection else 0
+    rows, width, classes = _head(c)
+    out = 2 * rows * width * classes                 # the head: both operands need gradients (tied ones too)
     out += decoder.forward_flops() if decoder else 0
     factor = 3 if train else 1
     per_sample = [embed, factor * encoder.forward_flops(), *[factor * processor.forward_flops()] * c.num_layers,
@@ -191,14 +235,15 @@ def peak_train_memory(c: PerceiverConfig, batch: int, checkpoint: Optional[bool]
         per_query, per_key = block.backward_buffers()
         return per_query * block.q_len + per_key * block.kv_len
 
-    # embeddings: the embedded inputs (when not the raw input itself), the latents seeded from them
-    proj_in = _embedding_in(c)
-    embedded = c.input_len * c.input_dim if (c.input_type == "tokens" or proj_in is not None
-                                              or c.pos_encoding in ("trainable", "sinusoid")) else 0
-    embed = embedded + (c.input_len * proj_in if c.pos_encoding == "fourier" and proj_in else 0)
+    # embeddings: the embedded inputs (when not the raw input itself), what the projection keeps for its
+    # weight's gradient (the raw input with its Fourier features), the latents seeded from the inputs
+    projection = _projection(c)
+    embedded = c.input_len * c.input_dim if (c.input_type == "tokens" or projection is not None
+                                              or c.pos_encoding != "none") else 0
+    embed = embedded + (c.input_len * projection[0] if c.pos_encoding == "fourier" and projection else 0)
     embed += n * d if c.latents_from_inputs else 0
-    rows, width = _head(c)
-    head = (rows * width + 2 * rows * c.n_classes) if c.decoder_projection else 0
+    rows, width, classes = _head(c)
+    head = rows * width + 2 * rows * classes
     if decoder is None:
         out, out_buffers = 2 * d + head, 0
     else:

@@ -62,6 +62,18 @@ def test_shared_processors_stay_in_one_stage_by_default():
         plan_pipeline(PerceiverConfig(share_weights=True, num_layers=4), 5, n_microbatches=5)
 
 
+def test_repeated_processors_of_a_converted_model_stay_in_one_stage():
+    # hub-shaped: DeepMind's vision models repeat a block of layers (layers_per_block), with narrow q/k
+    c = PerceiverConfig(num_layers=6, layers_per_block=3, cross_qk_channels=8, self_qk_channels=8, ffw_cross=8)
+    costs = module_costs(c)
+    assert costs == cost.module_flops(c, batch=1, train=True) and costs[2] == costs[5]
+    plan = plan_pipeline(c, 3)
+    holders = {s for s in range(3) for i in plan.stage_indices(s) if 2 <= i < 8}
+    assert len(holders) == 1
+    with pytest.raises(ValueError, match="layers_per_block=3 keeps the 6 processors in one stage"):
+        plan_pipeline(c, 5, n_microbatches=5)
+
+
 def test_more_stages_than_modules_is_refused():
     with pytest.raises(ValueError, match="num_stages must be in"):
         balanced_split([1, 2], 3)

@@ -106,11 +106,14 @@ def plan_pipeline(config: PerceiverConfig, num_stages: int, split_points: Option
         raise ValueError(f"batch size {batch_size} is not divisible by n_microbatches={n_microbatches}")
     if split_points is None:
         costs = module_costs(config)
-        if config.share_weights and config.num_layers > 1:
-            # one shared processor block: the processors go as one unit, and come back as its first index
+        if sharing_period(config) < config.num_layers:
+            # processors i and i + period are one module, and stages are contiguous: all processors go in one
+            # stage, as one unit, and come back as its first index
             units = [*costs[:2], sum(costs[2:-1]), costs[-1]]
             if num_stages > len(units):
-                raise ValueError(f"share_weights=True keeps the {config.num_layers} processors in one stage, so "
+                what = ("share_weights=True" if config.share_weights
+                        else f"layers_per_block={config.layers_per_block}")
+                raise ValueError(f"{what} keeps the {config.num_layers} processors in one stage, so "
                                  f"at most {len(units)} stages, got num_stages={num_stages}")
             split_points = [(0, 1, 2, modules - 1)[u] for u in balanced_split(units, num_stages)]
         else:
