@@ -138,9 +138,11 @@ def read_checkpoint(path: PathLike, map_location: Any, formats: Sequence[str]) -
     """The dict `save_checkpoint` wrote to `path` (tensors on `map_location`), checked: a ValueError names
     the file and what is wrong with it (empty, truncated or not a checkpoint, another format, an entry
     missing, a config that no longer matches its fingerprint). Files written before fingerprints
-    (percnb/1, early percnb/2) have none and load as they are."""
-    name = os.fspath(path)
-    if os.path.isfile(name):
+    (percnb/1, early percnb/2) have none and load as they are. `path` may also be an open binary file
+    (e.g. `io.BytesIO` of a checkpoint shipped in the package)."""
+    in_memory = hasattr(path, "read")
+    name = f"<{type(path).__name__}>" if in_memory else os.fspath(path)
+    if not in_memory and os.path.isfile(name):
         if os.path.getsize(name) == 0:
             raise ValueError(f"cannot load {name!r}: the file is empty (0 bytes); was its save interrupted?")
         if not zipfile.is_zipfile(name):     # torch.save writes a zip archive, whose directory is at its end
@@ -148,7 +150,7 @@ def read_checkpoint(path: PathLike, map_location: Any, formats: Sequence[str]) -
                              "checkpoint (not a whole zip archive: truncated by an interrupted copy or a full "
                              "disk, or another kind of file)")
     try:
-        payload = torch.load(name, map_location=map_location, weights_only=True)
+        payload = torch.load(path if in_memory else name, map_location=map_location, weights_only=True)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise                                 # these already name the file and say what is wrong
     except (pickle.UnpicklingError, OSError, EOFError, RuntimeError, KeyError, ValueError) as error:

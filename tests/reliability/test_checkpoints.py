@@ -181,3 +181,19 @@ def test_save_into_an_open_file_still_works(tmp_path):
     model = Perceiver(tiny())
     io.atomic_write(tmp_path / "m.pt", lambda f: model.save(f))
     assert same_weights(Perceiver.load(tmp_path / "m.pt"), model)
+
+
+def test_load_reads_a_checkpoint_from_an_open_file_and_checks_it_too():
+    # the package's shipped checkpoints are read from memory (percnb.assets), not from a path
+    import io as stdio
+    model = Perceiver(tiny())
+    buffer = stdio.BytesIO()
+    model.save(buffer)
+    assert same_weights(Perceiver.load(stdio.BytesIO(buffer.getvalue())), model)
+    payload = torch.load(stdio.BytesIO(buffer.getvalue()), weights_only=True)
+    payload["config"]["num_heads"] = 4
+    edited = stdio.BytesIO()
+    torch.save(payload, edited)
+    edited.seek(0)
+    with pytest.raises(ValueError, match="'<BytesIO>': its config does not match the fingerprint"):
+        Perceiver.load(edited)
