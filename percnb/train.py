@@ -203,7 +203,6 @@ def _check_gradients(model: nn.Module, step: int, loss: torch.Tensor) -> None:
                 f"lowering lr will not help; find that operation (torch.autograd.detect_anomaly names it)")
 
 
-@torch.no_grad()
 def adamw(groups: List[dict], lr: float) -> torch.optim.AdamW:
     """torch's AdamW, fused (one kernel per step for all parameters) where torch has the fused kernel for
     the parameters' device and dtype, else for-each (a few kernels per group): the same update as the
@@ -214,6 +213,7 @@ def adamw(groups: List[dict], lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, **({"fused": True} if fused else {"foreach": True}))
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, data: Data, *, step_fn: Optional[StepFn] = None, batch_size: int = 256,
              device: Optional[Union[str, torch.device]] = None, amp: bool = False) -> Dict[str, float]:
     """Mean loss (weighted by counted items) and accuracy of `model` on `data`, in eval mode; the model

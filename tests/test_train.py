@@ -135,3 +135,17 @@ def test_label_smoothing_with_a_custom_step_fn_is_refused():
 def test_fit_rejects_a_non_dataset():
     with pytest.raises(TypeError, match="train_data must be a Dataset"):
         fit(toy_model(), [1, 2, 3], steps=1, progress=False)
+
+
+def test_evaluate_records_no_autograd_graph():
+    # a graph per batch would hold every activation of the evaluation in memory until the loss is dropped
+    from percnb.train import classification_step
+    seen = []
+
+    def step(model, batch):
+        loss, correct, n = classification_step(model, batch)
+        seen.append(loss.requires_grad)
+        return loss, correct, n
+
+    evaluate(toy_model(), toy_problem(32), step_fn=step, batch_size=8)
+    assert seen == [False] * 4
