@@ -3,6 +3,7 @@ from a `PerceiverConfig`'s shapes alone (no tensor is allocated), so that "will 
 before the first step.
 
 Counted, per module of the seed's sequential layout (embeddings, encoder, processors..., decoder):
+
 - parameters: every weight, bias, LayerNorm, latent array, query array and position table, processors
   that share weights (`sharing_period`: share_weights, layers_per_block) counted once, a tied head's matrix
   (tie_embeddings) counted once: exactly `Perceiver(config).num_parameters()`. Every block is shaped as the

@@ -1,4 +1,4 @@
-"""The Colab setup cell of every course notebook, written from one place.
+"""The Colab setup cell of every course notebook, written from one place::
 
     python -m percnb.notebook_header            # write it into notebooks/*.ipynb (run from the repository root)
     python -m percnb.notebook_header --check    # exit 1, naming each notebook whose cell differs

@@ -278,3 +278,26 @@ def test_workers_start_with_a_passive_omp_wait_policy_unless_the_user_set_one(mo
     with worker_environment():
         assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"                   # the user's choice wins
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_the_error_reported_is_the_failing_stages_not_its_peers_lost_connection(tmp_path):
+    # torch reports whichever worker it sees first; a stage whose peer died fails too, with gloo's
+    # "Connection closed by peer": the launcher reports the stage that failed for its own reason
+    import pickle
+    import types
+
+    from percnb.pipeline.launch import _root_cause
+    files = []
+    for rank, trace in enumerate(["RuntimeError: [gloo] Connection closed by peer [127.0.0.1]:7078",
+                                  "RuntimeError: the last stage failed on purpose"]):
+        path = tmp_path / f"error{rank}"
+        path.write_bytes(pickle.dumps(trace))
+        files.append(str(path))
+    context = types.SimpleNamespace(error_files=files, processes=[types.SimpleNamespace(pid=10),
+                                                                 types.SimpleNamespace(pid=11)])
+    seen = mp.ProcessRaisedException("-- Process 0: Connection closed by peer", 0, 10)
+    cause = _root_cause(seen, context)
+    assert isinstance(cause, mp.ProcessRaisedException) and cause.error_index == 1
+    assert "the last stage failed on purpose" in str(cause)
+    own = mp.ProcessRaisedException("-- Process 1: the last stage failed on purpose", 1, 11)
+    assert _root_cause(own, context) is None                       # already the cause: kept as it is

@@ -219,11 +219,20 @@ def copy_vendor(app: Sphinx, exception: Exception | None) -> None:
                 shutil.copy2(source, target)
 
 
+def link_sibling_notebooks(app: Sphinx, docname: str, source: list[str]) -> None:
+    """A notebook links its neighbours as `[label](NN_name.ipynb)` (what JupyterLab, GitHub and Colab
+    follow). In the site, docs/notebooks is a link to the repository's folder, and MyST resolves such a
+    path through it to a file outside the site's sources: make each a {doc} reference to the chapter."""
+    if docname.startswith("notebooks/"):
+        source[0] = re.sub(r'\[([^\]`<>"\n]+)\]\((\d\d_[A-Za-z0-9_]+)\.ipynb\)', r"{doc}`\1 <\2>`", source[0])
+
+
 def setup(app: Sphinx) -> dict:
     app.add_directive("course-notebooks", CourseNotebooks)
     app.add_transform(OfflineNotebookPages)
     app.connect("builder-inited", check_vendor)
     app.connect("builder-inited", write_api_pages)
+    app.connect("source-read", link_sibling_notebooks)
     app.connect("autodoc-process-docstring", markdown_style_docstring)
     app.connect("build-finished", copy_vendor)
     app.add_css_file("percnb.css")

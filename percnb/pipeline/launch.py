@@ -10,6 +10,7 @@ within a second (`exit_with_parent`); every process group has a timeout (INIT_TI
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import tempfile
 import threading
@@ -22,6 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.multiprocessing import ProcessRaisedException
 
 from .. import checks
 from ..config import PerceiverConfig
@@ -320,7 +322,7 @@ def _start_and_join(mp, start_method: str, args: tuple, nprocs: int) -> None:
                                      nprocs=nprocs, join=False, start_method=start_method)
         while not context.join(timeout=1.0):
             pass
-    except BaseException:
+    except BaseException as error:
         writer.close()                       # every worker's watcher reads end-of-file and exits
         for process in context.processes if context is not None else []:
             if process.is_alive():
@@ -331,10 +333,36 @@ def _start_and_join(mp, start_method: str, args: tuple, nprocs: int) -> None:
             if process.is_alive():
                 process.kill()
                 process.join()
+        cause = _root_cause(error, context)
+        if cause is not None:
+            raise cause from error
         raise
     finally:
         writer.close()
         reader.close()
+
+
+# What a stage raises when another stage died first: a consequence, not the cause
+_PEER_DIED = ("Connection closed by peer", "remote worker crashing", "Connection reset by peer")
+
+
+def _root_cause(error: BaseException, context) -> Optional[BaseException]:
+    """When the worker error torch reported is only a stage noticing that its peer died, the error of a
+    worker that failed for its own reason (read from torch's per-process error files), else None."""
+    if context is None or not isinstance(error, ProcessRaisedException):
+        return None
+    if not any(marker in str(error) for marker in _PEER_DIED):
+        return None
+    for rank, path in enumerate(context.error_files):
+        try:
+            with open(path, "rb") as file:
+                trace = pickle.load(file)
+        except (OSError, EOFError, pickle.UnpicklingError, TypeError):
+            continue                          # this worker wrote no error
+        if isinstance(trace, str) and not any(marker in trace for marker in _PEER_DIED):
+            message = f"\n\n-- Process {rank:d} terminated with the following error:\n{trace}"
+            return ProcessRaisedException(message, rank, context.processes[rank].pid)
+    return None
 
 
 def run_pipeline(config: PerceiverConfig, inputs: torch.Tensor, targets: torch.Tensor, num_stages: int = 2, *,
