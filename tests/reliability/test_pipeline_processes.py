@@ -73,8 +73,12 @@ def _assert_all_gone(processes: list) -> None:
 def _launch(tmp_path: Path, start_method: str) -> subprocess.Popen:
     script = tmp_path / "launcher.py"
     script.write_text(LAUNCHER)
+    # A child inherits ignored signals: if anything in this pytest process set SIGINT to SIG_IGN (earlier
+    # tests start browsers and servers), the launcher would rightly ignore the interrupt. A kernel that
+    # JupyterLab interrupts has the default disposition, so give the launcher that.
     return subprocess.Popen([sys.executable, str(script), start_method], env=_environment(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.timeout(STARTUP_SECONDS + 3 * EXIT_SECONDS + 30)
