@@ -6,7 +6,8 @@
 The cell is each notebook's first code cell. On Colab (`"google.colab" in sys.modules`) and Kaggle (two
 T4s for notebook 05's GPU pipeline; `KAGGLE_KERNEL_RUN_TYPE` in the environment) it pip-installs
 the percnb release the notebook was written for, `percnb @ git+<repository>@v<version>`, with the
-version and repository read from pyproject.toml (so the pin cannot drift from the package), without
+version and repository read from pyproject.toml (so the pin cannot drift from the package) and with
+the extras the notebook imports (`percnb[hub]` where a cell imports `transformers` or `percnb.hub`), without
 `--upgrade` so that Colab's preinstalled torch stays when it satisfies percnb's requirement; then it
 turns on Colab's custom widget manager, without which ipywidgets (the attention explorer) do not
 render there (Colab only). Anywhere else it does nothing: `make lab` or `pip install` already provided percnb.
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 CELL_ID = "percnb-setup"
 FIRST_LINE = "# Setup: on Colab or Kaggle, install the percnb this notebook was written for; elsewhere it does nothing."
@@ -33,9 +35,22 @@ def project(root: Path) -> dict:
     return tomllib.loads(path.read_text(encoding="utf-8"))["project"]
 
 
-def install_spec(version: str, repository: str) -> str:
-    """What pip installs on Colab: the release tag v<version> of the project's repository."""
-    return f"percnb @ git+{repository}@v{version}"
+# An extra is needed where a code cell imports one of its modules (percnb.hub needs transformers).
+EXTRA_IMPORTS = {
+    "hub": r"^\s*(?:import|from)\s+(?:transformers|percnb\.hub)\b|^\s*from\s+percnb\s+import\s+.*\bhub\b",
+}
+
+
+def extras_needed(notebook: dict) -> Tuple[str, ...]:
+    """The optional extras of percnb that `notebook`'s code cells import, sorted (e.g. ``("hub",)``)."""
+    code = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    return tuple(sorted(extra for extra, imports in EXTRA_IMPORTS.items() if re.search(imports, code, flags=re.M)))
+
+
+def install_spec(version: str, repository: str, extras: Sequence[str] = ()) -> str:
+    """What pip installs on Colab: the release tag v<version> of the project's repository, with `extras`."""
+    name = f"percnb[{','.join(extras)}]" if extras else "percnb"
+    return f"{name} @ git+{repository}@v{version}"
 
 
 TEMPLATE = """\
@@ -54,16 +69,18 @@ if on_colab:
     output.enable_custom_widget_manager()  # ipywidgets (the attention explorer) render on Colab"""
 
 
-def setup_cell_source(version: str, repository: str) -> str:
-    """The setup cell's Python source for percnb `version` hosted at `repository`. It installs on Colab
-    and on Kaggle (notebook 05's two-GPU runtime; Kaggle sets KAGGLE_KERNEL_RUN_TYPE), nowhere else."""
-    return TEMPLATE.format(first_line=FIRST_LINE, spec=json.dumps(install_spec(version, repository)))
+def setup_cell_source(version: str, repository: str, extras: Sequence[str] = ()) -> str:
+    """The setup cell's Python source for percnb `version` (with `extras`) hosted at `repository`. It installs
+    on Colab and on Kaggle (notebook 05's two-GPU runtime; Kaggle sets KAGGLE_KERNEL_RUN_TYPE), nowhere else."""
+    return TEMPLATE.format(first_line=FIRST_LINE, spec=json.dumps(install_spec(version, repository, extras)))
 
 
-def expected_source(root: Path) -> str:
-    """The setup cell for the repository at `root` (its pyproject's version and repository URL)."""
+def expected_source(root: Path, notebook: Optional[dict] = None) -> str:
+    """The setup cell for the repository at `root` (its pyproject's version and repository URL), installing
+    the extras `notebook` imports (none when no notebook is given)."""
     meta = project(root)
-    return setup_cell_source(meta["version"], meta["urls"]["Repository"])
+    extras = extras_needed(notebook) if notebook is not None else ()
+    return setup_cell_source(meta["version"], meta["urls"]["Repository"], extras)
 
 
 def _lines(text: str) -> List[str]:
@@ -119,7 +136,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="the repository (holds pyproject.toml)")
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a notebook differs")
     args = parser.parse_args(argv)
-    source = expected_source(args.root)
     paths = args.notebooks or sorted((args.root / "notebooks").glob("*.ipynb"))
     if not paths:
         parser.error(f"no notebooks found in {args.root / 'notebooks'}")
@@ -127,6 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for path in paths:
         text = path.read_text(encoding="utf-8")
         notebook = json.loads(text)
+        source = expected_source(args.root, notebook)
         if args.check:
             for problem in problems(notebook, source):
                 print(f"{path}: {problem}")

@@ -8,19 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-transformers = pytest.importorskip("transformers")
-from transformers import PerceiverConfig as HFConfig  # noqa: E402
-from transformers import (  # noqa: E402
+# transformers comes with the hub extra, which `make test` installs: a missing one fails here, never skips
+from transformers import PerceiverConfig as HFConfig
+from transformers import (
     PerceiverForImageClassificationFourier,
     PerceiverForImageClassificationLearned,
     PerceiverForMaskedLM,
     PerceiverTokenizer,
 )
-from transformers.models.perceiver import modeling_perceiver as mp  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+from transformers.models.perceiver import modeling_perceiver as mp
+from transformers.utils import logging as hf_logging
 
-from percnb import hub  # noqa: E402
-from percnb.models import Perceiver, PerceiverImage, PerceiverMLM, get_sequential_from_config  # noqa: E402
+from percnb import hub
+from percnb.models import Perceiver, PerceiverImage, PerceiverMLM, get_sequential_from_config
 
 torch.set_num_threads(1)
 hf_logging.set_verbosity_error()

@@ -47,7 +47,30 @@ def run_setup_cell(monkeypatch, colab: bool = False, kaggle: bool = False) -> di
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_every_notebook_starts_with_the_generated_setup_cell(path):
     notebook = json.loads(path.read_text())
-    assert notebook_header.problems(notebook, notebook_header.expected_source(ROOT)) == []
+    assert notebook_header.problems(notebook, notebook_header.expected_source(ROOT, notebook)) == []
+
+
+def test_a_notebook_that_imports_the_hub_installs_the_hub_extra():
+    needs = {p.name: notebook_header.extras_needed(json.loads(p.read_text())) for p in NOTEBOOKS}
+    assert needs["07_pretrained_perceiver.ipynb"] == ("hub",)
+    assert all(extras == () for name, extras in needs.items() if name != "07_pretrained_perceiver.ipynb")
+    assert set(notebook_header.EXTRA_IMPORTS) <= set(PROJECT["optional-dependencies"])
+    spec = notebook_header.install_spec(PROJECT["version"], PROJECT["urls"]["Repository"], ("hub",))
+    assert spec == f"percnb[hub] @ git+{PROJECT['urls']['Repository']}@v{PROJECT['version']}"
+    setup = json.loads(NOTEBOOKS[-1].read_text())
+    assert json.dumps(spec) in "".join(next(c for c in setup["cells"] if c["cell_type"] == "code")["source"])
+
+
+@pytest.mark.parametrize("line, extras", [
+    ("import transformers", ("hub",)), ("from transformers import PerceiverConfig", ("hub",)),
+    ("from percnb import hub", ("hub",)), ("from percnb import assets, hub", ("hub",)),
+    ("import percnb.hub as h", ("hub",)), ("from percnb.models import Perceiver", ()),
+    ("# transformers is not needed here", ()), ("import transformers_lite", ()),
+])
+def test_extras_are_read_from_the_imports(line, extras):
+    notebook = {"cells": [{"cell_type": "markdown", "source": ["import transformers"]},
+                          {"cell_type": "code", "source": [line]}]}
+    assert notebook_header.extras_needed(notebook) == extras
 
 
 def test_the_pin_is_pyprojects_version_and_repository():

@@ -65,7 +65,8 @@ def wheel_venv(tmp_path_factory):
                         env=_clean_env()).stdout.strip())
     _borrowed_site_packages(base / "borrowed")
     (purelib / "zz_borrowed.pth").write_text(f"import site; site.addsitedir({str(base / 'borrowed')!r})\n")
-    _run([str(python), "-m", "pip", "install", "--no-index", "--quiet", str(wheel)], env=_clean_env(), cwd=base)
+    # [hub]: notebook 07's setup cell installs percnb[hub] (transformers), as a learner's pip would
+    _run([str(python), "-m", "pip", "install", "--no-index", "--quiet", f"{wheel}[hub]"], env=_clean_env(), cwd=base)
     return wheel, python
 
 

@@ -36,15 +36,19 @@ DISPLAY_ONLY = {"LayoutModel", "HTMLModel", "HTMLStyleModel", "LabelModel", "Lab
                 "BoxModel", "HBoxModel", "VBoxModel", "FloatProgressModel", "IntProgressModel",
                 "ProgressStyleModel", "OutputModel"}
 # What the pages load, copied from docs/node_modules: (files, folder under _static/npm/ to put them in).
-# The widget bundle keeps its node_modules layout: require.js's base URL is _static/npm/ (percnb-widgets.js)
-# and the bundle finds its fonts from there.
+# The widget bundle keeps its node_modules layout: require.js's base URL is _static/npm/ (percnb-widgets.js).
+# Its Font Awesome files are requested next to the URL of whichever module loads the icon font first:
+# the named modules (@jupyter-widgets/base, .../controls) resolve to _static/npm/@jupyter-widgets/, the
+# bundle's own file to .../html-manager/dist/. Both were seen here, on different pages and runs, so the
+# fonts are copied to both folders.
 WIDGETS = "@jupyter-widgets/html-manager/dist"
 VENDOR = [
     ("requirejs/require.js", "."),
     ("mathjax/es5/tex-mml-chtml.js", "mathjax"),
     *((f"mathjax/es5/{folder}", "mathjax") for folder in ("input", "output", "ui", "a11y", "sre")),  # loaded on use
     (f"{WIDGETS}/embed-amd.js", WIDGETS),
-    *((f"{WIDGETS}/*.{ext}", WIDGETS) for ext in ("woff2", "woff", "ttf", "eot", "svg")),  # Font Awesome
+    *((f"{WIDGETS}/*.{ext}", folder) for ext in ("woff2", "woff", "ttf", "eot", "svg")
+      for folder in (WIDGETS, "@jupyter-widgets")),
 ]
 RUNS_IN = re.compile(r"\*\*Runs in:\*\*\s*(about \d+ minutes?)")
 LEARN = re.compile(r"\*\*You will learn:\*\*\s*(.+?)(?:\s+\*\*Runs in:|$)", re.DOTALL)
