@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data.text import BYTES
+from .data.text import BYTES, MASK_ID
 from .models import Perceiver
 
 MEAN = "mean"
@@ -26,9 +26,25 @@ def _render_png(draw: Callable, figsize: Tuple[float, float]) -> bytes:
     return buffer.getvalue()
 
 
+# Byte labels that read at a glance: whitespace as the symbol of what it does, [MASK] as decode() shows it.
+_SHOWN = {ord(" "): "␣", ord("\n"): "↵", ord("\t"): "→", MASK_ID: "█"}
+
+
 def _byte_label(token: int) -> str:
-    """A printable label for a byte id; ids past the bytes (e.g. a [MASK] id) show as a box."""
-    return repr(chr(token))[1:-1] if token < BYTES else "▯"
+    """A one-glyph label for a byte id where one exists: printable ASCII as itself, space ␣, newline ↵,
+    tab →, [MASK] █; other bytes as their escape (``\\x07``, ``\\xc3``), other ids as ``<id>``."""
+    if token in _SHOWN:
+        return _SHOWN[token]
+    if 32 < token < 127:
+        return chr(token)
+    return f"\\x{token:02x}" if 0 <= token < BYTES else f"<{token}>"
+
+
+def _cell_label(token: int) -> str:
+    """The label drawn in a token's cell of the map: as `_byte_label`, but a space stays blank (so words
+    read as words) and a byte without a glyph shows as a dot (an escape does not fit in a cell)."""
+    label = _byte_label(token)
+    return " " if token == ord(" ") else (label if len(label) == 1 else "·")
 
 
 class AttentionExplorer:
@@ -63,6 +79,7 @@ class AttentionExplorer:
         self.is_image = inputs.dim() == 4
         self.class_names, self.top_k = class_names, top_k
         self.token_labels = token_labels or _byte_label
+        self._cell_labels = token_labels or _cell_label
         self._cache: Dict[int, Tuple[torch.Tensor, List[torch.Tensor]]] = {}
         self._choosing_heads = False
         logits, maps = self._outputs(0)
@@ -169,16 +186,7 @@ class AttentionExplorer:
             left.imshow(data, cmap="magma", alpha=0.6, interpolation="nearest")
             left.axis("off")
         else:
-            width = min(32, data.shape[0])
-            rows = -(-data.shape[0] // width)
-            grid = np.full(rows * width, np.nan)
-            grid[:data.shape[0]] = data
-            left.imshow(grid.reshape(rows, width), cmap="magma", aspect="auto", interpolation="nearest")
-            for i, token in enumerate(sample.tolist()):
-                left.text(i % width, i // width, self.token_labels(token), ha="center", va="center",
-                          fontsize=6, color="cyan")
-            left.set_xticks([])
-            left.set_yticks([])
+            self._draw_sequence(left, sample, data)
         what = f"position {self.position.value}" if self.layer.value == "decoder" and self.per_position else (
             "all latents" if self.mean_latents.value else f"latent {self.latent.value}")
         left.set_title(f"{self.layer.value}: {what}", fontsize=9)
@@ -187,6 +195,31 @@ class AttentionExplorer:
         right.set_yticks(range(len(top.values))[::-1], [self._name(int(i)) for i in top.indices])
         right.set_xlim(0, 1)
         right.set_title("top probabilities", fontsize=9)
+
+    def _draw_sequence(self, ax, tokens: torch.Tensor, data: np.ndarray) -> None:
+        """The map over a token sequence as rows of text: each cell coloured by its weight and labelled
+        with its token (up to 512 tokens; longer inputs are drawn without labels, which would not fit).
+        White letters with a dark outline read on both ends of the colour map; at `position` (decoder),
+        the query's own cell is framed."""
+        from matplotlib import patches, patheffects
+        n = data.shape[0]
+        width = 16 if n <= 128 else 32 if n <= 512 else 64
+        rows = -(-n // width)
+        grid = np.full(rows * width, np.nan)
+        grid[:n] = data
+        ax.imshow(grid.reshape(rows, width), cmap="magma", aspect="auto", interpolation="nearest")
+        if n <= 512:
+            size = 10 if rows <= 8 else 6
+            outline = [patheffects.withStroke(linewidth=2.2, foreground="black")]
+            for i, token in enumerate(tokens.tolist()):
+                ax.text(i % width, i // width, self._cell_labels(token), ha="center", va="center", fontsize=size,
+                        family="DejaVu Sans Mono", color="white", path_effects=outline)
+        if self.layer.value == "decoder" and self.per_position:
+            at = self.position.value
+            ax.add_patch(patches.Rectangle((at % width - 0.5, at // width - 0.5), 1, 1, fill=False,
+                                           edgecolor="cyan", linewidth=2))
+        ax.set_xticks([])
+        ax.set_yticks([])
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)

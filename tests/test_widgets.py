@@ -102,3 +102,32 @@ def test_each_layer_offers_its_own_heads():
     explorer.layer.value = "decoder"                      # 1 head: head 3 is not there, the mean is shown
     assert list(explorer.head.options) == ["mean", 0] and explorer.head.value == "mean"
     assert explorer.image_data().sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_byte_labels_read_at_a_glance():
+    from percnb.data.text import MASK_ID
+    from percnb.widgets import _byte_label, _cell_label
+    assert [_byte_label(t) for t in b"a Z\n\t"] == ["a", "␣", "Z", "↵", "→"]
+    assert _byte_label(MASK_ID) == "█" and _byte_label(7) == "\\x07" and _byte_label(0xC3) == "\\xc3"
+    assert _byte_label(300) == "<300>"
+    # in the map's cells a space stays blank and a byte without a glyph is a dot: one character per cell
+    assert [_cell_label(t) for t in [ord(" "), ord("\n"), 7, 0xC3, MASK_ID, ord("q")]] == [" ", "↵", "·", "·", "█", "q"]
+
+
+def test_the_text_map_labels_every_byte_and_frames_the_query():
+    from matplotlib.figure import Figure
+    config = PerceiverConfig(input_type="tokens", input_num_tokens=257, input_len=16, output_len=16,
+                             decoder_reduction=None, n_classes=257, input_dim=16, latent_len=4, latent_dim=16,
+                             output_dim=16, num_heads=2, num_layers=1)
+    tokens = torch.tensor([list(b"hello perceiver!")])
+    explorer = AttentionExplorer(PerceiverMLM(config), tokens)
+    explorer.layer.value, explorer.position.value = "decoder", 9
+    ax = Figure().add_subplot()
+    explorer._draw_sequence(ax, tokens[0], explorer.image_data())
+    assert "".join(t.get_text() for t in ax.texts) == "hello perceiver!"
+    (frame,) = ax.patches                                  # the query's cell: row 0, column 9
+    assert frame.get_xy() == (8.5, -0.5) and frame.get_width() == frame.get_height() == 1
+    explorer.layer.value = "encoder"                       # a latent's map: no query to frame
+    ax = Figure().add_subplot()
+    explorer._draw_sequence(ax, tokens[0], explorer.image_data())
+    assert not ax.patches
