@@ -1,6 +1,7 @@
 """The benchmark scripts run at tiny sizes, so they cannot rot (no timing is asserted)."""
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,26 @@ def test_cost_check_smoke(tmp_path):
     for row in results["prediction"]["rows"]:          # FLOPs are predicted exactly; memory is measured
         assert row["predicted"]["train_flops"] == row["flops"]["train"] and row["peak_mib"] > 0
     assert results["optimizer"]["speedup"] > 0
+
+
+def test_profile_step_smoke_groups_every_operator():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--tiny", "--steps", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^(\S.*?)\s+(\d+\.\d{3})\s+(\d+\.\d)%$", out.stdout, flags=re.M)
+    groups = {name.strip(): float(share) for name, _, share in rows}
+    assert {"matrix products", "GELU", "LayerNorm", "optimizer"} <= set(groups), out.stdout
+    assert abs(sum(groups.values()) - 100) < 0.6                       # shares of one total
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert [module.group_of(n) for n in ("aten::addmm", "aten::gelu_backward", "aten::native_layer_norm",
+                                         "aten::_fused_adamw_", "aten::copy_", "aten::add_", "aten::foo")] == [
+        "matrix products", "GELU", "LayerNorm", "optimizer", "copies and layout", "element-wise and reductions",
+        "other (autograd and dispatch)"]
+
+
+def test_profile_step_refuses_a_zero_setting():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--tiny", "--steps", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--steps must be >= 1, got 0" in out.stderr
