@@ -59,3 +59,9 @@ def test_make_installs_the_extras_the_course_and_its_tests_need():
     installs = re.search(r'pip install .*-e "\.\[([a-z,]+)\]"', makefile)
     assert installs, "the Makefile's setup no longer installs percnb editable with extras"
     assert set(installs.group(1).split(",")) >= {"dev", "docs", "hub"}
+
+
+def test_the_hang_guards_are_armed():
+    # tests/reliability marks its process tests with @pytest.mark.timeout: only pytest-timeout enforces it
+    import importlib.util
+    assert importlib.util.find_spec("pytest_timeout") is not None, "pytest-timeout (the dev extra) is missing"
