@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from .io import atomic_write
+
 CELL_ID = "percnb-setup"
 FIRST_LINE = "# Setup: on Colab or Kaggle, install the percnb this notebook was written for; elsewhere it does nothing."
 
@@ -75,10 +77,11 @@ def setup_cell_source(version: str, repository: str, extras: Sequence[str] = ())
     return TEMPLATE.format(first_line=FIRST_LINE, spec=json.dumps(install_spec(version, repository, extras)))
 
 
-def expected_source(root: Path, notebook: Optional[dict] = None) -> str:
+def expected_source(root: Path, notebook: Optional[dict] = None, meta: Optional[dict] = None) -> str:
     """The setup cell for the repository at `root` (its pyproject's version and repository URL), installing
-    the extras `notebook` imports (none when no notebook is given)."""
-    meta = project(root)
+    the extras `notebook` imports (none when no notebook is given). `meta`: pyproject's [project] table,
+    when the caller has already read it."""
+    meta = meta if meta is not None else project(root)
     extras = extras_needed(notebook) if notebook is not None else ()
     return setup_cell_source(meta["version"], meta["urls"]["Repository"], extras)
 
@@ -139,11 +142,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths = args.notebooks or sorted((args.root / "notebooks").glob("*.ipynb"))
     if not paths:
         parser.error(f"no notebooks found in {args.root / 'notebooks'}")
+    meta = project(args.root)                     # read once: every notebook's cell pins the same release
     failed = False
     for path in paths:
         text = path.read_text(encoding="utf-8")
         notebook = json.loads(text)
-        source = expected_source(args.root, notebook)
+        source = expected_source(args.root, notebook, meta)
         if args.check:
             for problem in problems(notebook, source):
                 print(f"{path}: {problem}")
@@ -151,7 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         updated = _dump(apply(notebook, source))
         if updated != text:
-            path.write_text(updated, encoding="utf-8")
+            # atomically, as percnb writes every file: an interrupted run leaves the notebook as it was
+            data = updated.encode("utf-8")
+            atomic_write(path, lambda f, data=data: f.write(data))
             print(f"{path}: setup cell written")
         else:
             print(f"{path}: setup cell already current")

@@ -143,3 +143,23 @@ def test_check_lets_a_later_cell_ask_whether_it_runs_on_colab(tmp_path):
     path = tmp_path / "07_x.ipynb"
     path.write_text(json.dumps(notebook))
     assert notebook_header.main(["--root", str(ROOT), "--check", str(path)]) == 0
+
+
+def test_an_interrupted_write_leaves_the_notebook_as_it_was(tmp_path, monkeypatch):
+    notebook = {"cells": [{"cell_type": "code", "id": "c", "metadata": {}, "outputs": [], "execution_count": None,
+                           "source": ["import torch"]}], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    path = tmp_path / "01_x.ipynb"
+    path.write_text(json.dumps(notebook))
+    before = path.read_bytes()
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+
+    def interrupted(f):
+        f.write(b'{"cells": [')                                 # half a notebook, then Ctrl-C
+        raise KeyboardInterrupt
+
+    real = notebook_header.atomic_write
+    monkeypatch.setattr(notebook_header, "atomic_write", lambda p, write_fn: real(p, interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        notebook_header.main(["--root", str(tmp_path), str(path)])
+    assert path.read_bytes() == before                                   # the notebook as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01_x.ipynb", "pyproject.toml"]   # no temporary left
