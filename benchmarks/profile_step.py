@@ -81,8 +81,9 @@ def profile(dims: cp.Dims, m: int, batch: int, threads: int, warmup: int, steps:
     shares, group_flops = defaultdict(float), defaultdict(float)
     for event in prof.key_averages():
         if event.key.startswith("aten::") or "Optimizer" in event.key or "adam" in event.key.lower():
-            shares[group_of(event.key)] += event.self_cpu_time_total / 1e6 / steps
-            group_flops[group_of(event.key)] += (event.flops or 0) / steps   # the profiler counts mm/addmm/bmm
+            group = group_of(event.key)
+            shares[group] += event.self_cpu_time_total / 1e6 / steps
+            group_flops[group] += (event.flops or 0) / steps                 # the profiler counts mm/addmm/bmm
     total = sum(shares.values())
     flops = cost.estimate(cp.percnb_config(dims, m), batch).train_flops
     return {"plain": plain, "shares": dict(shares), "total": total, "flops": flops,
